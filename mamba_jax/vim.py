@@ -1,0 +1,302 @@
+"""Vision Mamba ("Vim") in Flax, parameter for parameter the official model.
+
+The modules only own parameters; the mathematics lives in ``ssm.py``. Parameter
+names follow the official state dict (``patch_embed.proj``, ``layers.i.norm``,
+``layers.i.mixer.in_proj`` ...); the blocks are stacked along a leading ``depth``
+axis under ``params["layers"]`` and run with ``nn.scan`` (one compiled layer body).
+
+Code name -> paper / official name:
+    residual  the residual stream entering a block's norm (``residual`` in the
+              official ``Block``; the quantity the attribution gradients are taken of)
+    h         the normed block input (``hidden_states``)
+    x, z      the two halves of ``in_proj(h)``: scan input and gate
+    u         silu(causal_conv1d(x)), the scan input of ``ssm.selective_scan``
+    delta, B, C   see ``ssm.py``; ``y`` the scan output before the gate
+    fwd / bwd the forward branch and the backward branch (bimamba); backward-branch
+              intermediates are kept in the backward scan's own (reversed) order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mamba_jax import ssm
+from mamba_jax.config import VimConfig
+
+Params = Any
+
+BRANCH_KEYS = ("u", "delta", "B", "C", "z", "y")
+
+
+# ---------------------------------------------------------------- initializers
+def _a_log_init(key, shape, dtype=jnp.float32):
+    """Mamba's S4D-real init: A = -(1, 2, ..., N) in every channel."""
+    del key
+    E, N = shape
+    return jnp.log(jnp.broadcast_to(jnp.arange(1, N + 1, dtype=dtype), (E, N)))
+
+
+def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
+    """softplus(bias) is log-uniform in [dt_min, dt_max] (Mamba's init)."""
+    dt = jnp.exp(jax.random.uniform(key, shape, dtype) * (math.log(dt_max) - math.log(dt_min))
+                 + math.log(dt_min))
+    dt = jnp.maximum(dt, floor)
+    return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
+
+
+def _uniform(scale):
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -scale, scale)
+    return init
+
+
+_trunc_normal = nn.initializers.truncated_normal(0.02)
+
+
+# --------------------------------------------------------------------- modules
+class RMSNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
+
+
+class LayerNorm(nn.Module):
+    eps: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + self.eps) * weight + bias
+
+
+def make_norm(config: VimConfig, name: str) -> nn.Module:
+    return (RMSNorm if config.rms_norm else LayerNorm)(eps=config.norm_eps, name=name)
+
+
+class CausalConv1d(nn.Module):
+    """Depthwise causal conv over the sequence: [B, L, E] -> [B, L, E].
+
+    ``kernel[k, e]`` is the official ``conv1d.weight[e, 0, k]``; left zero padding
+    ``width - 1`` makes output t depend on inputs t - width + 1 .. t.
+    """
+
+    width: int
+
+    @nn.compact
+    def __call__(self, x):
+        E = x.shape[-1]
+        scale = 1.0 / math.sqrt(self.width)
+        kernel = self.param("kernel", _uniform(scale), (self.width, E))
+        bias = self.param("bias", _uniform(scale), (E,))
+        L = x.shape[-2]
+        padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(self.width - 1, 0), (0, 0)])
+        out = sum(padded[..., k:k + L, :] * kernel[k] for k in range(self.width))
+        return out + bias
+
+
+def _scan_batch(u, delta, A, B, C, D, method):
+    scan = functools.partial(ssm.selective_scan, method=method)
+    return jax.vmap(scan, in_axes=(0, 0, None, 0, 0, None))(u, delta, A, B, C, D)
+
+
+class Mixer(nn.Module):
+    """The (bidirectional) Mamba mixer of one block: [B, L, D] -> ([B, L, D], intermediates)."""
+
+    config: VimConfig
+    scan_method: str = "auto"
+    precision: Any = None
+
+    def branch_inputs(self, x, s: str):
+        """conv1d{s} -> silu -> x_proj{s} -> dt_proj{s} -> softplus: u, delta, B, C, A, D.
+
+        ``s`` is "" for the forward branch and "_b" for the backward one, giving the
+        official parameter names (``conv1d_b``, ``x_proj_b``, ``A_b_log``, ``D_b``).
+        """
+        cfg = self.config
+        E, N, R = cfg.d_inner, cfg.d_state, cfg.rank
+        u = nn.silu(CausalConv1d(cfg.d_conv, name=f"conv1d{s}")(x))
+        x_dbl = nn.Dense(R + 2 * N, use_bias=False, precision=self.precision, name=f"x_proj{s}")(u)
+        dt_low, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
+        dt = nn.Dense(E, precision=self.precision, kernel_init=_uniform(R ** -0.5),
+                      bias_init=_dt_bias_init, name=f"dt_proj{s}")(dt_low)
+        A_log = self.param("A_b_log" if s else "A_log", _a_log_init, (E, N))
+        D = self.param("D" + s, nn.initializers.ones, (E,))
+        return u, jax.nn.softplus(dt), B, C, -jnp.exp(A_log), D
+
+    def branch(self, u, delta, B, C, A, D, z):
+        y = _scan_batch(u, delta, A, B, C, D, self.scan_method)
+        return y * nn.silu(z), dict(u=u, delta=delta, B=B, C=C, z=z, y=y)
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.config
+        E = cfg.d_inner
+        xz = nn.Dense(2 * E, use_bias=False, precision=self.precision, name="in_proj")(h)
+        x, z = xz[..., :E], xz[..., E:]
+        flip = functools.partial(jnp.flip, axis=-2)
+
+        u, delta, B, C, A, D = self.branch_inputs(x, "")
+        out, cap_f = self.branch(u, delta, B, C, A, D, z)
+        caps = {"fwd": cap_f}
+        if cfg.bimamba == "v2":
+            out_b, caps["bwd"] = self.branch(*self.branch_inputs(flip(x), "_b"), flip(z))
+            out = out + flip(out_b)
+            if cfg.divide_out:
+                out = out / 2
+        elif cfg.bimamba == "v1":
+            # official bimamba_inner_fn: one conv and projection on the forward sequence;
+            # the backward scan reads them reversed, with its own A (A_b_log) and the same D.
+            A_b = -jnp.exp(self.param("A_b_log", _a_log_init, (E, cfg.d_state)))
+            out_b, caps["bwd"] = self.branch(flip(u), flip(delta), flip(B), flip(C), A_b, D, flip(z))
+            out = out + flip(out_b)  # the official v1 path never divides by 2
+        out = nn.Dense(cfg.embed_dim, use_bias=False, precision=self.precision, name="out_proj")(out)
+        return out, caps
+
+
+class Block(nn.Module):
+    """One residual block with fused add + norm, as a ``nn.scan`` body over layers.
+
+    carry = (residual_{l-1}, m_{l-1}); residual_l = residual_{l-1} + m_{l-1} + perturb_l.
+    ``perturb_l`` is zero in a plain forward pass; its gradient is d out / d residual_l.
+    """
+
+    config: VimConfig
+    scan_method: str = "auto"
+    precision: Any = None
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, carry, perturb):
+        residual, m = carry
+        residual = residual + m + perturb
+        h = make_norm(self.config, "norm")(residual)
+        m, caps = Mixer(self.config, self.scan_method, self.precision, name="mixer")(h)
+        out = {"residual": residual, **caps} if self.capture else None
+        return (residual, m), out
+
+
+class PatchEmbed(nn.Module):
+    config: VimConfig
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, images):
+        cfg = self.config
+        x = nn.Conv(cfg.embed_dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.stride, cfg.stride),
+                    padding="VALID", precision=self.precision, name="proj")(images)
+        return x.reshape(x.shape[0], -1, cfg.embed_dim)  # row-major over the grid
+
+
+class VisionMamba(nn.Module):
+    """The Vim classifier: NHWC images -> (logits, intermediates).
+
+    ``intermediates`` is empty unless ``capture``; then it holds, stacked over layers:
+    ``residual`` [depth, B, L, D], and per branch ``fwd`` / ``bwd`` the scan inputs
+    ``u, delta, z, y`` [depth, B, L, E] and ``B, C`` [depth, B, L, N]; plus ``tokens``
+    [B, L, D] (embedded input) and ``final`` [B, L, D] (after ``norm_f``).
+    """
+
+    config: VimConfig
+    scan_method: str = "auto"
+    precision: Any = None
+    capture: bool = False
+
+    @nn.compact
+    def __call__(self, images, perturb=None):
+        cfg = self.config
+        x = PatchEmbed(cfg, self.precision, name="patch_embed")(images)
+        Bsz, M, Dm = x.shape
+
+        def token(name):
+            return jnp.broadcast_to(self.param(name, _trunc_normal, (1, 1, Dm)), (Bsz, 1, Dm))
+
+        if cfg.cls_token == "middle":
+            x = jnp.concatenate([x[:, :M // 2], token("cls_token"), x[:, M // 2:]], axis=1)
+        elif cfg.cls_token == "head":
+            x = jnp.concatenate([token("cls_token"), x], axis=1)
+        elif cfg.cls_token == "double":
+            x = jnp.concatenate([token("cls_token_head"), x, token("cls_token_tail")], axis=1)
+        if cfg.abs_pos_embed:
+            x = x + self.param("pos_embed", _trunc_normal, (1, cfg.seq_len, Dm))
+        tokens = x.astype(jnp.float32)
+
+        if perturb is None:
+            perturb = jnp.zeros((cfg.depth, 1, 1, 1), jnp.float32)
+        layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=0, out_axes=0, length=cfg.depth)
+        (residual, m), caps = layers(cfg, self.scan_method, self.precision, self.capture,
+                                     name="layers")((tokens, jnp.zeros_like(tokens)), perturb)
+        final = make_norm(cfg, "norm_f")(residual + m)
+        head = nn.Dense(cfg.num_classes, precision=self.precision, kernel_init=_trunc_normal,
+                        name="head")
+
+        if cfg.cls_token != "none":
+            features = jnp.mean(final[:, list(cfg.cls_positions)], axis=1)
+            logits = head(features)
+        elif cfg.final_pool == "none":
+            logits = head(final[:, -1])
+        elif cfg.final_pool == "mean":
+            logits = head(jnp.mean(final, axis=1))
+        elif cfg.final_pool == "max":
+            logits = jnp.max(head(final), axis=1)
+        else:  # "all": per-token logits
+            logits = head(final)
+        inter = {}
+        if self.capture:
+            inter = dict(caps, tokens=tokens, final=final)
+        return logits, inter
+
+
+# ------------------------------------------------------------------ public API
+def check_images(config: VimConfig, images) -> jax.Array:
+    """Raise a ValueError naming the problem unless images are [B, H, W, C] as the config wants."""
+    shape = tuple(getattr(images, "shape", ()))
+    want = (config.img_size, config.img_size, config.channels)
+    if len(shape) != 4:
+        raise ValueError(f"images must be a batch [B, H, W, C] (NHWC) of shape [B, *{want}], got shape {shape}")
+    if shape[1:] != want:
+        hint = ""
+        if shape[1] == config.channels and shape[2:] == want[:2]:
+            hint = " (this looks like NCHW: transpose to NHWC with images.transpose(0, 2, 3, 1))"
+        elif shape[3] != config.channels:
+            hint = f" (expected {config.channels} channels, got {shape[3]})"
+        else:
+            hint = f" (expected {config.img_size} x {config.img_size} pixels; resize with mamba_jax.preprocess)"
+        raise ValueError(f"images of shape {shape} do not fit the model: expected [B, *{want}]{hint}")
+    return jnp.asarray(images, jnp.float32)
+
+
+def init_params(config: VimConfig, key: jax.Array) -> Params:
+    """Randomly initialized parameters (Mamba's initializers), as a plain nested dict."""
+    model = VisionMamba(config)
+    images = jnp.zeros((1, config.img_size, config.img_size, config.channels), jnp.float32)
+    return jax.jit(model.init)(key, images)["params"]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capture", "scan_method", "precision"))
+def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = False, perturb=None,
+              scan_method: str = "auto", precision: str | None = "highest"):
+    """Run the classifier on normalized float32 NHWC ``images``.
+
+    Returns ``logits`` [B, num_classes] (per-token [B, L, classes] for final_pool="all"),
+    or ``(logits, intermediates)`` when ``capture`` (layout: ``VisionMamba``).
+    ``perturb`` [depth, B, L, D] (optional) is added to the residual stream entering every
+    block: its gradient at zero is the gradient with respect to that residual stream.
+    ``precision`` is the matmul precision ("highest" = true float32, no TF32).
+    """
+    images = check_images(config, images)
+    model = VisionMamba(config, scan_method, precision, capture)
+    logits, inter = model.apply({"params": params}, images, perturb)
+    return (logits, inter) if capture else logits

@@ -1,0 +1,57 @@
+"""Shared test helpers.
+
+Tolerances (float32 unless stated), each with its reason:
+  float64 mathematical oracles ........ 1e-10  (pure reassociation error at double precision)
+  float32 scan vs scan ................ 1e-5 relative to max |y| (different summation orders)
+  float32 parity JAX vs PyTorch ....... 1e-5 relative to max |logit| (24 layers of float32 rounding)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SAMPLE_IMAGES = sorted((SHARED / "data" / "images").glob("*.jpg")) if (SHARED / "data").is_dir() else []
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture
+def x64():
+    """Run a test with float64 enabled, restoring the previous setting afterwards."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.fixture
+def sample_images():
+    if not SAMPLE_IMAGES:
+        pytest.skip("../shared/data/images is absent (only the development workspace has the sample photos)")
+    return SAMPLE_IMAGES
+
+
+def assert_close(actual, expected, *, rtol_of_max=None, atol=None, name="value"):
+    """Assert |actual - expected| <= tol elementwise, printing max and mean differences.
+
+    ``rtol_of_max`` scales the tolerance by max |expected| (a relative-to-scale bound that
+    does not blow up on values near zero); ``atol`` is absolute.
+    """
+    actual = np.asarray(actual, np.float64)
+    expected = np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    diff = np.abs(actual - expected)
+    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    tol = (atol or 0.0) + (rtol_of_max or 0.0) * scale
+    worst = float(diff.max()) if diff.size else 0.0
+    assert worst <= tol, (f"{name}: max |diff| {worst:.3e} > tol {tol:.3e} "
+                          f"(mean |diff| {float(diff.mean()):.3e}, max |expected| {scale:.3e})")
+    return worst
