@@ -113,3 +113,25 @@ def hidden_attention(delta, A, B, C):
     alpha = jnp.einsum("tn,etjn,jn->etj", C, decay, B)
     causal = jnp.tril(jnp.ones((L, L), alpha.dtype))
     return alpha * delta.T[:, None, :] * causal
+
+
+def class_token_row(delta, A, B, C, pos: int, *, official: bool = False):
+    """Row ``pos`` of the hidden attention of one branch: [E, L], without the L x L matrix.
+
+    Exact (``official=False``): alpha[e, pos, j] for j <= pos (diagonal included), 0 after.
+    Official (``official=True``): the vector the official explainability code computes,
+    whose decay product stops at pos - 1 (it omits exp(Delta_pos A)) and whose diagonal
+    entry is 0:  v[e, j] = sum_n C_pos[n] prod_{k=j+1}^{pos-1} exp(Delta_k A) Delta_j B_j[n], j < pos.
+
+    The decay exponents are suffix sums of positive numbers (no cancellation).
+    """
+    L = delta.shape[0]
+    k = jnp.arange(L)
+    last = pos if official else pos + 1  # decay factors k in (j, last)
+    d = jnp.where((k < last)[:, None], delta, 0.0)  # [L, E]
+    # seg[j] = sum_{k > j} d[k]: exclusive suffix sum
+    seg = jnp.flip(jnp.cumsum(jnp.flip(d, 0), axis=0), 0) - d
+    decay = jnp.exp(seg[:, :, None] * A[None])  # [L(j), E, N]
+    row = jnp.einsum("n,jen,jn->ej", C[pos], decay, B) * delta.T
+    valid = (k < pos) if official else (k <= pos)
+    return jnp.where(valid[None, :], row, 0.0)

@@ -230,10 +230,11 @@ class VisionMamba(nn.Module):
             x = jnp.concatenate([token("cls_token_head"), x, token("cls_token_tail")], axis=1)
         if cfg.abs_pos_embed:
             x = x + self.param("pos_embed", _trunc_normal, (1, cfg.seq_len, Dm))
-        tokens = x.astype(jnp.float32)
+        # residual_in_fp32: the residual stream is at least float32 (float64 stays float64)
+        tokens = x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
         if perturb is None:
-            perturb = jnp.zeros((cfg.depth, 1, 1, 1), jnp.float32)
+            perturb = jnp.zeros((cfg.depth, 1, 1, 1), tokens.dtype)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=0, out_axes=0, length=cfg.depth)
         (residual, m), caps = layers(cfg, self.scan_method, self.precision, self.capture,
@@ -275,7 +276,8 @@ def check_images(config: VimConfig, images) -> jax.Array:
         else:
             hint = f" (expected {config.img_size} x {config.img_size} pixels; resize with mamba_jax.preprocess)"
         raise ValueError(f"images of shape {shape} do not fit the model: expected [B, *{want}]{hint}")
-    return jnp.asarray(images, jnp.float32)
+    images = jnp.asarray(images)
+    return images if images.dtype == jnp.float64 else images.astype(jnp.float32)
 
 
 def init_params(config: VimConfig, key: jax.Array) -> Params:

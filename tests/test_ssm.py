@@ -81,3 +81,27 @@ def test_unknown_scan_method():
     args = random_inputs(np.random.default_rng(0), 3)
     with pytest.raises(ValueError, match="unknown scan method"):
         ssm.selective_scan(*args, method="fast")
+
+
+def test_class_token_row_exact_is_row_of_alpha(x64):
+    u, delta, A, B, C, D = random_inputs(np.random.default_rng(2), 21, delta_scale=2.0)
+    alpha = np.asarray(ssm.hidden_attention(delta, A, B, C))
+    for pos in (0, 10, 20):
+        row = np.asarray(ssm.class_token_row(delta, A, B, C, pos))
+        np.testing.assert_allclose(row, alpha[:, pos, :], rtol=0, atol=1e-12)
+
+
+def test_class_token_row_official_brute_force(x64):
+    """SPEC: v[d, j] = sum_n C_pos[n] prod_{k=j+1}^{pos-1} exp(Delta_k A) Delta_j B_j[n], j < pos; 0 else."""
+    _, delta, A, B, C, _ = random_inputs(np.random.default_rng(3), 12, delta_scale=2.0)
+    pos = 7
+    want = np.zeros((A.shape[0], 12))
+    for d in range(A.shape[0]):
+        for j in range(pos):
+            for n in range(A.shape[1]):
+                prod = 1.0
+                for k in range(j + 1, pos):
+                    prod *= np.exp(delta[k, d] * A[d, n])
+                want[d, j] += C[pos, n] * prod * delta[j, d] * B[j, n]
+    got = np.asarray(ssm.class_token_row(delta, A, B, C, pos, official=True))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)

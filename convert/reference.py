@@ -1,0 +1,539 @@
+"""Pure-PyTorch reference Vision Mamba ("Vim") and the official explainability methods.
+
+This file is the independent oracle for the JAX model: it imports nothing from
+``mamba_jax`` except the config, runs on CPU without custom kernels, in float32
+or float64 (``model.double()``), and its ``state_dict()`` has exactly the keys
+and shapes of the official hustvl/Vim checkpoints (SPEC section 1), so
+``model.load_state_dict(official_sd, strict=True)`` works.  Clarity over speed:
+the selective scan is an explicit loop over time.
+
+Glossary (code name -> paper symbol; shapes with Bt = batch, L = tokens,
+D = model width, E = inner width, N = state size, R = delta rank):
+
+    tokens, residual   residual stream r_l entering layer l's norm      [Bt, L, D]
+    h                  normed residual RMSNorm_l(r_l)                    [Bt, L, D]
+    x, z               the two halves of in_proj(h)                     [Bt, L, E]
+    u                  silu(causal conv(x)), the scan input u_t          [Bt, L, E]
+    dt_low             the rank-R delta projection input                 [Bt, L, R]
+    delta              Delta_t = softplus(W_dt dt_low + b_dt)            [Bt, L, E]
+    A                  A = -exp(A_log)                                   [E, N]
+    B, C               input / output matrices B_t, C_t                  [Bt, L, N]
+    D                  skip D                                            [E]
+    h_state            SSM state h_t                                     [Bt, E, N]
+    y                  scan output y_t (before the silu(z) gate)         [Bt, L, E]
+    alpha              hidden attention alpha[d, t, j]                   [Bt, E, L, L]
+    cls vector         official truncated class-token row of alpha       [Bt, E, L]
+
+Deliberate deviations from the official code are marked ``# deviation:``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mamba_jax.config import VimConfig
+
+__all__ = [
+    "VimReference",
+    "attention_rollout",
+    "causal_depthwise_conv1d",
+    "cls_vector_branch",
+    "cls_vectors_from_capture",
+    "full_attention_from_capture",
+    "hidden_attention",
+    "mamba_attribution",
+    "official_cls_vector",
+    "official_full_attention",
+    "raw_attention",
+    "residual_gradients",
+    "rollout",
+    "selective_scan",
+]
+
+
+# =============================================================================
+# Pure SSM mathematics (token-major tensors, batch first)
+# =============================================================================
+def causal_depthwise_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Causal depthwise convolution with left zero padding K-1.
+
+    out[b, t, e] = bias[e] + sum_{k<K} weight[e, 0, k] * x[b, t - (K-1) + k, e]
+    (x at negative times is 0).  x: [Bt, L, E]; weight: [E, 1, K]; returns [Bt, L, E].
+    """
+    k = weight.shape[-1]
+    xt = F.pad(x.transpose(1, 2), (k - 1, 0))                    # [Bt, E, L + K - 1]
+    out = F.conv1d(xt, weight, bias, groups=weight.shape[0])     # [Bt, E, L]
+    return out.transpose(1, 2)
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor) -> Tensor:
+    """The selective scan as an explicit loop over time.
+
+        h_t = exp(delta_t * A) * h_{t-1} + (delta_t * B_t) * u_t,   h_{-1} = 0
+        y_t = h_t @ C_t + D * u_t
+
+    u, delta: [Bt, L, E]; A: [E, N]; B, C: [Bt, L, N]; D: [E].  Returns y: [Bt, L, E].
+    """
+    bt, length, e = u.shape
+    h_state = u.new_zeros(bt, e, A.shape[-1])
+    ys = []
+    for t in range(length):
+        d_t = delta[:, t, :, None]                                # [Bt, E, 1]
+        A_bar = torch.exp(d_t * A)                                # [Bt, E, N]
+        B_bar_u = d_t * B[:, t, None, :] * u[:, t, :, None]       # [Bt, E, N]
+        h_state = A_bar * h_state + B_bar_u
+        ys.append((h_state * C[:, t, None, :]).sum(-1) + D * u[:, t])
+    return torch.stack(ys, dim=1)
+
+
+def hidden_attention(delta: Tensor, A: Tensor, B: Tensor, C: Tensor) -> Tensor:
+    """Exact hidden attention of one branch, in that branch's own order (SPEC section 3).
+
+        alpha[b, d, t, j] = sum_n C_t[n] exp(A[d, n] (S_t - S_j)) delta_j[d] B_j[n]   (j <= t, else 0)
+
+    with S_t - S_j = sum_{k=j+1}^{t} delta_k (summed directly, no cumsum difference).
+    delta: [Bt, L, E]; A: [E, N]; B, C: [Bt, L, N].  Returns [Bt, E, L, L], lower triangular,
+    so that y = alpha @ u + D * u.
+    """
+    bt, length, e = delta.shape
+    rows = []
+    for t in range(length):
+        d = delta[:, : t + 1]                                     # [Bt, t+1, E]
+        # seg[:, j] = sum_{k=j+1}^{t} delta_k  (0 for j = t)
+        seg = torch.cat([d[:, 1:].flip(1).cumsum(1).flip(1), torch.zeros_like(d[:, :1])], dim=1)
+        decay = torch.exp(seg[..., None] * A)                     # [Bt, t+1, E, N]
+        row = torch.einsum("bn,bjdn,bjd,bjn->bdj", C[:, t], decay, d, B[:, : t + 1])
+        rows.append(F.pad(row, (0, length - t - 1)))              # [Bt, E, L]
+    return torch.stack(rows, dim=2)
+
+
+def cls_vector_branch(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, cls_pos: int) -> Tensor:
+    """Official truncated class-token vector of one branch, in that branch's own order.
+
+        v[b, d, j] = sum_n C_c[n] * prod_{k=j+1}^{c-1} exp(delta_k[d] A[d, n]) * delta_j[d] B_j[n]   for j < c
+        v[b, d, j] = 0                                                                              for j >= c
+
+    with c = cls_pos.  The product stops at c-1 (it omits exp(delta_c A), which the exact
+    alpha[d, c, j] contains) and the diagonal j = c is never computed (SPEC section 3).
+    delta: [Bt, L, E]; A: [E, N]; B, C: [Bt, L, N].  Returns [Bt, E, L].
+    """
+    bt, length, e = delta.shape
+    C_c = C[:, cls_pos, None, :]                                  # [Bt, 1, N]
+    prod = delta.new_ones(bt, e, A.shape[-1])                     # empty product for j = c-1
+    cols = [delta.new_zeros(bt, e)] * length
+    for j in range(cls_pos - 1, -1, -1):
+        d_j = delta[:, j, :, None]                                # [Bt, E, 1]
+        cols[j] = (C_c * prod * d_j * B[:, j, None, :]).sum(-1)
+        prod = prod * torch.exp(d_j * A)                          # now prod_{k=j}^{c-1}
+    return torch.stack(cols, dim=-1)
+
+
+# =============================================================================
+# Modules (parameter names = official state-dict keys)
+# =============================================================================
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight (no bias)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def _norm(cfg: VimConfig) -> nn.Module:
+    if cfg.rms_norm:
+        return RMSNorm(cfg.embed_dim, cfg.norm_eps)
+    return nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+
+
+class _PatchEmbed(nn.Module):
+    """Conv2d(channels -> D, kernel patch_size, stride), flattened row-major."""
+
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.channels, cfg.embed_dim, cfg.patch_size, cfg.stride)
+
+    def forward(self, x: Tensor) -> Tensor:                       # [Bt, C, H, W] -> [Bt, M, D]
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Mixer(nn.Module):
+    """The bidirectional Mamba mixer of Vim (bimamba "v2", "v1" or "none")."""
+
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, e, n, r, k = cfg.embed_dim, cfg.d_inner, cfg.d_state, cfg.rank, cfg.d_conv
+        self.in_proj = nn.Linear(d, 2 * e, bias=False)
+        self.out_proj = nn.Linear(e, d, bias=False)
+
+        def conv():
+            return nn.Conv1d(e, e, k, groups=e, padding=k - 1, bias=True)
+
+        def s4d_real_a_log():
+            return nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))
+
+        self.conv1d = conv()
+        self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, e, bias=True)
+        self.A_log = s4d_real_a_log()
+        self.D = nn.Parameter(torch.ones(e))
+        if cfg.bimamba in ("v1", "v2"):
+            self.A_b_log = s4d_real_a_log()
+        if cfg.bimamba == "v2":
+            self.conv1d_b = conv()
+            self.x_proj_b = nn.Linear(e, r + 2 * n, bias=False)
+            self.dt_proj_b = nn.Linear(r, e, bias=True)
+            self.D_b = nn.Parameter(torch.ones(e))
+        self._init_dt()
+
+    @torch.no_grad()
+    def _init_dt(self):
+        """Official-style dt init: bias = softplus^{-1}(dt), dt log-uniform in [1e-3, 1e-1]."""
+        for dt_proj in [self.dt_proj] + ([self.dt_proj_b] if self.cfg.bimamba == "v2" else []):
+            nn.init.uniform_(dt_proj.weight, -self.cfg.rank ** -0.5, self.cfg.rank ** -0.5)
+            dt = torch.exp(torch.rand(self.cfg.d_inner) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+            dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def _ssm_inputs(self, x: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear):
+        """x: [Bt, L, E] -> u, delta [Bt, L, E]; B, C [Bt, L, N]."""
+        n, r = self.cfg.d_state, self.cfg.rank
+        u = F.silu(causal_depthwise_conv1d(x, conv.weight, conv.bias))
+        dt_low, B, C = torch.split(x_proj(u), [r, n, n], dim=-1)
+        delta = F.softplus(dt_proj(dt_low))                       # softplus(W_dt dt_low + b_dt)
+        return u, delta, B, C
+
+    @staticmethod
+    def _scan(u, delta, A, B, C, D, z, capture: dict | None, key: str) -> Tensor:
+        """Runs the scan and gates: returns y * silu(z) [Bt, L, E]; records the branch."""
+        y = selective_scan(u, delta, A, B, C, D)
+        if capture is not None:
+            capture[key] = dict(u=u, delta=delta, B=B, C=C, z=z, y=y, A=A, D=D)
+        return y * F.silu(z)
+
+    def forward(self, h: Tensor, capture: dict | None = None) -> Tensor:
+        """h: [Bt, L, D] -> [Bt, L, D].  With ``capture`` (a dict), fills capture["fwd"] and
+        (bimamba v1/v2) capture["bwd"], the latter in the backward branch's flipped order."""
+        x, z = self.in_proj(h).chunk(2, dim=-1)                   # [Bt, L, E] each
+        u, delta, B, C = self._ssm_inputs(x, self.conv1d, self.x_proj, self.dt_proj)
+        A = -torch.exp(self.A_log)
+        out = self._scan(u, delta, A, B, C, self.D, z, capture, "fwd")
+        bimamba = self.cfg.bimamba
+        if bimamba == "v2":
+            x_b, z_b = x.flip(1), z.flip(1)
+            u_b, delta_b, B_b, C_b = self._ssm_inputs(x_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b)
+            A_b = -torch.exp(self.A_b_log)
+            out_b = self._scan(u_b, delta_b, A_b, B_b, C_b, self.D_b, z_b, capture, "bwd")
+            out = out + out_b.flip(1)
+            if self.cfg.divide_out:
+                out = out / 2
+        elif bimamba == "v1":
+            # official bimamba_inner_fn: conv / x_proj / dt_proj computed once, backward scan on the
+            # flipped tensors with its own A_b and the SAME D; the sum is never divided.
+            A_b = -torch.exp(self.A_b_log)
+            out_b = self._scan(u.flip(1), delta.flip(1), A_b, B.flip(1), C.flip(1), self.D, z.flip(1),
+                               capture, "bwd")
+            out = out + out_b.flip(1)
+        return self.out_proj(out)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.norm = _norm(cfg)
+        self.mixer = Mixer(cfg)
+
+
+class VimReference(nn.Module):
+    """Vision Mamba classifier; ``state_dict()`` = the official keys and shapes.
+
+    ``forward(x, capture=False, residual_probes=None)``:
+      x: [Bt, channels, H, W] (NCHW, converted to the module's dtype).
+      Returns logits [Bt, classes] ([Bt, L, classes] for final_pool="all" without a class
+      token) or, with capture=True, ``(logits, capture)`` where capture is
+
+        {"residual": [r_0, ..., r_{depth-1}]   each [Bt, L, D], r_l entering layer l's norm
+                                               (in the autograd graph; includes the probe),
+         "layers":   [{"fwd": branch, "bwd": branch}, ...]   one dict per layer; "bwd" absent
+                                               for bimamba "none",
+         "final":    [Bt, L, D]                norm_f(r_{depth-1} + m_{depth-1})}
+
+      and a branch is {"u", "delta", "z", "y": [Bt, L, E], "B", "C": [Bt, L, N],
+      "A": [E, N] (= -exp(A_log)), "D": [E]}, the backward branch's tensors in its own
+      (flipped) order: its position i is original position L-1-i.
+      ``residual_probes``: optional sequence of depth tensors [Bt, L, D] (zeros) added to
+      r_l; the gradient of a logit w.r.t. probe l is d logit / d r_l.
+    """
+
+    def __init__(self, cfg: VimConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.patch_embed = _PatchEmbed(cfg)
+        if cfg.cls_token == "double":
+            self.cls_token_head = nn.Parameter(torch.zeros(1, 1, d))
+            self.cls_token_tail = nn.Parameter(torch.zeros(1, 1, d))
+        elif cfg.cls_token in ("head", "middle"):
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        if cfg.abs_pos_embed:
+            self.pos_embed = nn.Parameter(torch.zeros(1, cfg.seq_len, d))
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm_f = _norm(cfg)
+        self.head = nn.Linear(d, cfg.num_classes)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith(("cls_token", "pos_embed")):
+                    nn.init.trunc_normal_(p, std=0.02)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.weight.dtype
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Patch embedding, class token(s), position embedding: [Bt, C, H, W] -> [Bt, L, D]."""
+        cfg = self.cfg
+        t = self.patch_embed(x.to(self.dtype))                    # [Bt, M, D]
+        bt, m = t.shape[:2]
+        if cfg.cls_token == "middle":
+            t = torch.cat([t[:, : m // 2], self.cls_token.expand(bt, -1, -1), t[:, m // 2:]], dim=1)
+        elif cfg.cls_token == "head":
+            t = torch.cat([self.cls_token.expand(bt, -1, -1), t], dim=1)
+        elif cfg.cls_token == "double":
+            t = torch.cat([self.cls_token_head.expand(bt, -1, -1), t,
+                           self.cls_token_tail.expand(bt, -1, -1)], dim=1)
+        if cfg.abs_pos_embed:
+            t = t + self.pos_embed
+        return t
+
+    def pool_and_head(self, final: Tensor) -> Tensor:
+        """final: [Bt, L, D] (normed) -> logits."""
+        cfg = self.cfg
+        pos = cfg.cls_positions
+        if len(pos) == 1:
+            return self.head(final[:, pos[0]])
+        if len(pos) == 2:
+            return self.head((final[:, pos[0]] + final[:, pos[1]]) / 2)
+        # deviation: the official code also applies final_pool="max" after a class token
+        # (a max over classes); here final_pool only matters without a class token.
+        if cfg.final_pool == "none":
+            return self.head(final[:, -1])
+        if cfg.final_pool == "mean":
+            return self.head(final.mean(1))
+        if cfg.final_pool == "max":
+            return self.head(final).amax(1)
+        return self.head(final)                                   # "all": [Bt, L, classes]
+
+    def forward(self, x: Tensor, capture: bool = False,
+                residual_probes: Sequence[Tensor] | None = None):
+        hidden = self.embed(x)
+        residual = None
+        cap: dict = {"residual": [], "layers": []}
+        for i, layer in enumerate(self.layers):
+            residual = hidden if residual is None else residual + hidden   # fused add (+ norm)
+            if residual_probes is not None:
+                residual = residual + residual_probes[i]
+            branches: dict | None = {} if capture else None
+            hidden = layer.mixer(layer.norm(residual), branches)
+            if capture:
+                cap["residual"].append(residual)
+                cap["layers"].append(branches)
+        final = self.norm_f(residual + hidden)
+        logits = self.pool_and_head(final)
+        if not capture:
+            return logits
+        cap["final"] = final
+        return logits, cap
+
+
+# =============================================================================
+# Official explainability quantities (SPEC sections 3 and 4)
+# =============================================================================
+def cls_vectors_from_capture(capture: dict, cls_pos: int) -> Tensor:
+    """Combined official class-token vectors of every captured layer: [depth, Bt, E, L].
+
+    Positions 0..cls_pos-1 come from the forward branch (``cls_vector_branch`` with c = cls_pos),
+    position cls_pos is 0, positions cls_pos+1..L-1 from the backward branch.
+
+    Backward-branch index convention: the backward branch's tensors are in reversed order
+    (index i = original position L-1-i).  Its class token sits at c_b = L-1-cls_pos there
+    (= cls_pos for a middle token when L is odd, as in every official model), the vector is
+    ``cls_vector_branch(..., c_b)`` in reversed order (nonzero for i < c_b) and is flipped
+    back, so in original positions p > cls_pos it reads
+
+        v[d, p] = sum_n C^b_cls[n] * prod_{k=cls_pos+1}^{p-1} exp(delta^b_k[d] A_b[d, n])
+                  * delta^b_p[d] * B^b_p[n]
+
+    (all backward tensors re-indexed to original positions).  The two supports are disjoint.
+    Without a backward branch (bimamba "none") positions after cls_pos are 0.
+    """
+    out = []
+    for branches in capture["layers"]:
+        f = {k: v.detach() for k, v in branches["fwd"].items()}
+        v = cls_vector_branch(f["delta"], f["A"], f["B"], f["C"], cls_pos)
+        if "bwd" in branches:
+            b = {k: t.detach() for k, t in branches["bwd"].items()}
+            length = b["delta"].shape[1]
+            v = v + cls_vector_branch(b["delta"], b["A"], b["B"], b["C"], length - 1 - cls_pos).flip(-1)
+        out.append(v)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def official_cls_vector(model: VimReference, x: Tensor) -> Tensor:
+    """Official truncated class-token vectors, one per layer: [depth, Bt, E, L].
+
+    See ``cls_vectors_from_capture`` for the index conventions.  x: [Bt, C, H, W].
+    """
+    _, capture = model(x, capture=True)
+    return cls_vectors_from_capture(capture, model.cfg.cls_pos)
+
+
+def full_attention_from_capture(capture: dict, layer: int) -> tuple[Tensor, Tensor | None]:
+    """Exact alpha of one captured layer in original positions: (fwd, bwd), each [Bt, E, L, L].
+
+    fwd is lower triangular; bwd is computed on the reversed sequence and flipped on both
+    axes (upper triangular), None for bimamba "none".  y_fwd = fwd @ u + D u and
+    flip(y_bwd) = bwd @ flip(u_bwd) + D_b flip(u_bwd).
+    """
+    branches = capture["layers"][layer]
+    f = branches["fwd"]
+    fwd = hidden_attention(f["delta"], f["A"], f["B"], f["C"])
+    bwd = None
+    if "bwd" in branches:
+        b = branches["bwd"]
+        bwd = hidden_attention(b["delta"], b["A"], b["B"], b["C"]).flip(-1, -2)
+    return fwd, bwd
+
+
+@torch.no_grad()
+def official_full_attention(model: VimReference, x: Tensor, layer: int,
+                            dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor | None]:
+    """Exact alpha matrices of ``layer`` (the official attention-matrix figure): (fwd, bwd),
+    each [Bt, E, L, L] in ``dtype`` (computed in the model's dtype).
+
+    # deviation: the official code computes these in float16; the default here is float32.
+    """
+    _, capture = model(x, capture=True)
+    fwd, bwd = full_attention_from_capture(capture, layer)
+    return fwd.to(dtype), None if bwd is None else bwd.to(dtype)
+
+
+def _minmax(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """(x - min) / (max - min) over ``dims`` (no epsilon, as the official code: a constant
+    tensor gives NaN)."""
+    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+    return (x - lo) / (hi - lo)
+
+
+def rollout(a: Tensor) -> Tensor:
+    """The official rank-one rollout.  a: [n_layers, Bt, L] (earliest layer first).
+
+    M_l = I + 1 a_l^T (every row i is e_i + a_l), each row divided by its sum;
+    R = M_{n-1} ... M_1 M_0 (later layers on the left).  Returns R: [Bt, L, L].
+    """
+    length = a.shape[-1]
+    eye = torch.eye(length, dtype=a.dtype, device=a.device)
+    joint = None
+    for a_l in a:
+        m = eye + a_l[:, None, :]                                 # [Bt, L, L]
+        m = m / m.sum(-1, keepdim=True)
+        joint = m if joint is None else m @ joint
+    return joint
+
+
+def _to_map(row: Tensor, cfg: VimConfig) -> Tensor:
+    """[Bt, L] -> [Bt, grid_h, grid_w]: drop the class position(s), clamp(min=0), row-major."""
+    idx = torch.tensor(cfg.patch_positions, device=row.device)
+    return row[:, idx].clamp(min=0).reshape(row.shape[0], *cfg.grid)
+
+
+def _check_start(cfg: VimConfig, start_layer: int):
+    if not 0 <= start_layer < cfg.depth:
+        raise ValueError(f"start_layer must be in [0, {cfg.depth}), got {start_layer}")
+
+
+def _target_index(logits: Tensor, target: int | Sequence[int] | Tensor | None) -> Tensor:
+    """Per-image class index [Bt]: argmax (None), one int for all, or one per image."""
+    bt = logits.shape[0]
+    if target is None:
+        return logits.argmax(-1)
+    if isinstance(target, int):
+        return torch.full((bt,), target, dtype=torch.long, device=logits.device)
+    t = torch.as_tensor(target, dtype=torch.long, device=logits.device).reshape(-1)
+    if t.shape[0] != bt:
+        raise ValueError(f"target has {t.shape[0]} entries for a batch of {bt}")
+    return t
+
+
+def _gradients_and_capture(model: VimReference, x: Tensor, target) -> tuple[Tensor, dict]:
+    """One forward with capture and zero probes; d logit_target / d r_l for every layer."""
+    cfg = model.cfg
+    bt = x.shape[0]
+    probes = [torch.zeros(bt, cfg.seq_len, cfg.embed_dim, dtype=model.dtype, device=x.device,
+                          requires_grad=True) for _ in range(cfg.depth)]
+    with torch.enable_grad():
+        logits, capture = model(x, capture=True, residual_probes=probes)
+        if logits.ndim != 2:
+            raise ValueError("attribution needs logits [Bt, classes] (final_pool='all' has per-token logits)")
+        idx = _target_index(logits, target)
+        # images are independent, so the gradient of the sum is the per-image gradient
+        selected = logits.gather(1, idx[:, None]).sum()
+        grads = torch.autograd.grad(selected, probes)
+    return torch.stack(grads), capture
+
+
+def residual_gradients(model: VimReference, x: Tensor,
+                       target: int | Sequence[int] | Tensor | None = None) -> Tensor:
+    """g_l = d logit_target / d r_l for every layer: [depth, Bt, L, D].
+
+    target: None = argmax per image, an int for all images, or one index per image.
+    """
+    return _gradients_and_capture(model, x, target)[0]
+
+
+@torch.no_grad()
+def raw_attention(model: VimReference, x: Tensor, start_layer: int = 15) -> Tensor:
+    """Raw-Attention (official): per layer min-max normalize the CLS vector over [E, L] of each
+    image, mean over channels; mean over layers >= start_layer; drop cls; clamp(min=0).
+    Returns [Bt, grid_h, grid_w]."""
+    cfg = model.cfg
+    _check_start(cfg, start_layer)
+    v = official_cls_vector(model, x)[start_layer:]               # [n, Bt, E, L]
+    a = _minmax(v, (-2, -1)).mean(-2)                             # [n, Bt, L]
+    return _to_map(a.mean(0), cfg)
+
+
+@torch.no_grad()
+def attention_rollout(model: VimReference, x: Tensor, start_layer: int = 15) -> Tensor:
+    """Attn-Rollout (official): a_l = channel mean of the un-normalized CLS vector, rank-one
+    rollout from start_layer, row cls_pos, drop cls, clamp(min=0).  Returns [Bt, grid_h, grid_w]."""
+    cfg = model.cfg
+    _check_start(cfg, start_layer)
+    a = official_cls_vector(model, x)[start_layer:].mean(-2)      # [n, Bt, L]
+    return _to_map(rollout(a)[:, cfg.cls_pos], cfg)
+
+
+def mamba_attribution(model: VimReference, x: Tensor,
+                      target: int | Sequence[int] | Tensor | None = None,
+                      start_layer: int = 15) -> Tensor:
+    """Mamba-Attribution (official):
+        s_l = minmax_L(max_features clamp(g_l, min=0)),  g_l = d logit_target / d r_l
+        a_l = mean_E(minmax_{E,L}(clamp(CLS vector_l, min=0)))
+        f_l = a_l * s_l; rank-one rollout from start_layer; row cls_pos; drop cls; clamp(min=0).
+    Returns [Bt, grid_h, grid_w]."""
+    cfg = model.cfg
+    _check_start(cfg, start_layer)
+    grads, capture = _gradients_and_capture(model, x, target)
+    with torch.no_grad():
+        s = _minmax(grads[start_layer:].clamp(min=0).amax(-1), (-1,))          # [n, Bt, L]
+        v = cls_vectors_from_capture(capture, cfg.cls_pos)[start_layer:]       # [n, Bt, E, L]
+        a = _minmax(v.clamp(min=0), (-2, -1)).mean(-2)                         # [n, Bt, L]
+        return _to_map(rollout(a * s)[:, cfg.cls_pos], cfg)

@@ -1,0 +1,94 @@
+"""The explanation methods: shared rollout by hand, batching, targets, errors, modes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mamba_jax import VimConfig, init_params, vim_apply
+from xai.methods import METHODS, explain, forward_with_gradients
+from xai.rollout import rank_one, rollout
+
+CFG = VimConfig(embed_dim=16, depth=3, img_size=32, patch_size=8, stride=8, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CFG, jax.random.PRNGKey(0))
+    images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 3))
+    return params, images
+
+
+def test_rollout_by_hand():
+    # two layers, L = 2: M1 = I + [[1, 1], [0, 2]] -> rows / sums = [[2/3, 1/3], [0, 1]]
+    #                    M2 = I + [[0, 1], [1, 0]] -> [[1/2, 1/2], [1/2, 1/2]]
+    # R = M2 @ M1 = [[1/3, 2/3], [1/3, 2/3]]; row 0 = [1/3, 2/3]
+    attn = jnp.array([[[[1.0, 1.0], [0.0, 2.0]]], [[[0.0, 1.0], [1.0, 0.0]]]])
+    np.testing.assert_allclose(rollout(attn, 0), [[1 / 3, 2 / 3]], rtol=1e-6)
+    # order matters: R' = M1 @ M2 = [[1/2, 1/2], [1/2, 1/2]]
+    np.testing.assert_allclose(rollout(attn[::-1], 0), [[0.5, 0.5]], rtol=1e-6)
+
+
+def test_rank_one_rollout_by_hand():
+    # official per-layer matrix: every row e_i + a, divided by 1 + sum(a); a = [1, 0, 1]
+    a = jnp.array([[[1.0, 0.0, 1.0]]])
+    M = np.array([[2, 0, 1], [1, 1, 1], [1, 0, 2]]) / 3.0
+    np.testing.assert_allclose(rollout(rank_one(a), 1), M[1:2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["exact", "official"])
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_equals_single_and_jit(model, method, mode):
+    params, images = model
+    maps = explain(CFG, params, images, method, start_layer=1, mode=mode)
+    assert maps.shape == (3, 4, 4) and maps.dtype == jnp.float32
+    assert np.all(np.isfinite(maps)) and np.all(np.asarray(maps) >= 0)
+    for i in range(3):
+        single = explain(CFG, params, images[i:i + 1], method, start_layer=1, mode=mode)
+        np.testing.assert_allclose(maps[i:i + 1], single, rtol=0, atol=1e-6 * max(1.0, float(maps.max())))
+    jitted = jax.jit(lambda p, x: explain(CFG, p, x, method, start_layer=1, mode=mode))
+    np.testing.assert_allclose(jitted(params, images), maps, rtol=1e-6, atol=1e-9)
+
+
+def test_modes_differ(model):
+    params, images = model
+    for method in METHODS:
+        a = explain(CFG, params, images, method, start_layer=0, mode="exact")
+        b = explain(CFG, params, images, method, start_layer=0, mode="official")
+        assert float(jnp.abs(a - b).max()) > 1e-4, method
+
+
+def test_gradients_and_targets(model):
+    params, images = model
+    logits, _, grads, tgt = forward_with_gradients(CFG, params, images)
+    np.testing.assert_array_equal(tgt, jnp.argmax(logits, -1))
+    # residual_0 = patch tokens + pos_embed, so d (sum of target logits) / d pos_embed must equal
+    # the per-image gradients at layer 0 summed over the batch
+    def total(p):
+        out = vim_apply(CFG, p, images)
+        return jnp.take_along_axis(out, tgt[:, None], 1).sum()
+
+    g_pos = jax.grad(total)(params)["pos_embed"][0]
+    np.testing.assert_allclose(grads[0].sum(0), g_pos, rtol=1e-5, atol=1e-6 * float(jnp.abs(g_pos).max()))
+    # and the layer-0 gradient is not trivially the last one's
+    assert float(jnp.abs(grads[0] - grads[-1]).max()) > 1e-6
+    m_default = explain(CFG, params, images, "mamba_attribution", start_layer=1)
+    m_given = explain(CFG, params, images, "mamba_attribution", start_layer=1, target=tgt)
+    np.testing.assert_allclose(m_default, m_given, atol=1e-7)
+    other = (tgt + 1) % CFG.num_classes
+    assert float(jnp.abs(explain(CFG, params, images, "mamba_attribution", start_layer=1, target=other)
+                         - m_default).max()) > 1e-6
+
+
+def test_bad_arguments(model):
+    params, images = model
+    with pytest.raises(ValueError, match="unknown method 'gradcam'"):
+        explain(CFG, params, images, "gradcam")
+    with pytest.raises(ValueError, match="unknown mode"):
+        explain(CFG, params, images, "rollout", mode="approximate")
+    with pytest.raises(ValueError, match="start_layer 3 is outside"):
+        explain(CFG, params, images, "rollout", start_layer=3)
+    with pytest.raises(ValueError, match="one class per image"):
+        explain(CFG, params, images, "mamba_attribution", target=[1, 2], start_layer=1)
+    with pytest.raises(ValueError, match="one class token"):
+        explain(CFG.replace(cls_token="none"), params, images, "rollout")

@@ -1,0 +1,201 @@
+"""The hidden attention of a Vim model, materialized from one captured forward pass.
+
+All quantities come from ``vim_apply(..., capture=True)`` (one source of truth for
+delta, A, B, C) and the formulas of ``mamba_jax.ssm``. Branch 0 is the forward scan;
+branch 1 the backward scan, reported in original token positions (its matrices are
+upper triangular).
+
+Memory: one branch-layer of one image is E x L x L floats (Vim-T: 384 x 197 x 197 x 4 B
+= 60 MB), and computing it needs E x L x L x N intermediates; the channel axis is
+processed in chunks sized so that the intermediates of a whole batch stay under
+``budget_bytes`` (default 1 GiB).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mamba_jax import ssm
+from mamba_jax.config import VimConfig
+from mamba_jax.vim import vim_apply
+
+DEFAULT_BUDGET = 1 << 30
+
+
+def layer_A(config: VimConfig, params, layer) -> tuple[jax.Array, jax.Array | None]:
+    """A [E, N] of the forward and backward branch of ``layer`` (backward None without one)."""
+    mixer = params["layers"]["mixer"]
+    A_f = -jnp.exp(mixer["A_log"][layer])
+    A_b = -jnp.exp(mixer["A_b_log"][layer]) if config.bimamba != "none" else None
+    return A_f, A_b
+
+
+def branch_weight(config: VimConfig) -> float:
+    """How the mixer weighs each branch: 1/2 for bimamba v2 with divide-out, else 1."""
+    return 0.5 if (config.bimamba == "v2" and config.divide_out) else 1.0
+
+
+def _channel_chunk(n_channels: int, batch: int, L: int, N: int, budget: int) -> int:
+    """The largest divisor of ``n_channels`` whose intermediates fit in ``budget`` bytes."""
+    per_channel = max(1, batch * L * L * N * 4 * 2)  # decay tensor and its product, float32
+    limit = max(1, budget // per_channel)
+    return max(c for c in range(1, n_channels + 1) if n_channels % c == 0 and c <= limit)
+
+
+def _split_channels(delta, A, chunk: int):
+    """delta [B, L, E], A [E, N] -> [n_chunks, B, L, chunk], [n_chunks, chunk, N]."""
+    Bsz, L, E = delta.shape
+    n = E // chunk
+    return delta.reshape(Bsz, L, n, chunk).transpose(2, 0, 1, 3), A.reshape(n, chunk, A.shape[1])
+
+
+def _chunked_channels(fn, delta, A, chunk: int):
+    """Apply ``fn(delta [B, L, c], A [c, N]) -> [B, c, ...]`` over channel chunks; concat on axis 1."""
+    out = jax.lax.map(lambda xs: fn(*xs), _split_channels(delta, A, chunk))  # [n, B, c, ...]
+    out = jnp.moveaxis(out, 0, 1)
+    return out.reshape(out.shape[0], -1, *out.shape[3:])
+
+
+def branch_alpha(delta, A, B, C, *, budget: int = DEFAULT_BUDGET):
+    """alpha [Bsz, E, L, L] of one branch in its own scan order; delta [Bsz, L, E], B, C [Bsz, L, N]."""
+    chunk = _channel_chunk(A.shape[0], delta.shape[0], delta.shape[1], A.shape[1], budget)
+    per_image = jax.vmap(ssm.hidden_attention, in_axes=(0, None, 0, 0))
+    return _chunked_channels(lambda d, a: per_image(d, a, B, C), delta, A, chunk)
+
+
+def _flip_both(x):
+    return jnp.flip(x, axis=(-1, -2))
+
+
+def _select(inter, layers, channels):
+    """Captured branch tensors for the chosen layers (and channels for delta)."""
+    out = {}
+    for name in ("fwd", "bwd"):
+        if name not in inter:
+            continue
+        br = inter[name]
+        delta = br["delta"][layers]
+        if channels is not None:
+            delta = delta[..., channels]
+        out[name] = dict(delta=delta, B=br["B"][layers], C=br["C"][layers])
+    return out
+
+
+def _as_index(arg, n: int, what: str):
+    if arg is None:
+        return jnp.arange(n)
+    idx = jnp.atleast_1d(jnp.asarray(arg, jnp.int32))
+    bad = [int(i) for i in jax.device_get(idx) if not -n <= int(i) < n] if not isinstance(
+        idx, jax.core.Tracer) else []
+    if bad:
+        raise ValueError(f"{what} {bad} out of range: the model has {n}")
+    return idx % n
+
+
+@functools.partial(jax.jit, static_argnames=("config", "budget"))
+def _hidden_attention(config, params, images, layers, channels, budget):
+    _, inter = vim_apply(config, params, images, capture=True)
+    sel = _select(inter, layers, channels)
+    mixer = params["layers"]["mixer"]
+    outs = []
+    for li in range(layers.shape[0]):
+        branches = []
+        for name, key in (("fwd", "A_log"), ("bwd", "A_b_log")):
+            if name not in sel:
+                continue
+            A = -jnp.exp(mixer[key][layers[li]][channels])
+            br = {k: v[li] for k, v in sel[name].items()}
+            alpha = branch_alpha(br["delta"], A, br["B"], br["C"], budget=budget)
+            branches.append(_flip_both(alpha) if name == "bwd" else alpha)
+        outs.append(jnp.stack(branches, axis=1))
+    return jnp.stack(outs, axis=1)
+
+
+def hidden_attention(config: VimConfig, params, images, *, layers=None, channels=None,
+                     budget: int = DEFAULT_BUDGET):
+    """The exact hidden attention matrices alpha (SPEC section 3).
+
+    Returns float32 [B, n_layers, n_branches, n_channels, L, L]: branch 0 forward (lower
+    triangular), branch 1 backward in original positions (upper triangular); n_branches is
+    2 for bidirectional models. ``layers`` / ``channels``: 0-based indices (None = all).
+    The result itself is B * n_layers * 2 * n_channels * L * L * 4 bytes (all of Vim-T for
+    one image: 2.9 GB); use ``layers`` and ``channels`` or ``channel_mean_attention`` to keep it small.
+    """
+    layers = _as_index(layers, config.depth, "layers")
+    channels = _as_index(channels, config.d_inner, "channels")
+    return _hidden_attention(config, params, images, layers, channels, budget)
+
+
+# -------------------------------------------------------- reduced quantities
+def class_token_rows(inter, A_f, A_b, pos: int, *, official: bool):
+    """Per-branch class-token rows of one layer, in original positions: ([B, E, L], [B, E, L] | None).
+
+    ``inter`` holds one layer's captured branch tensors ``{"fwd": {...}, "bwd": {...}}``.
+    The backward row is computed on the reversed sequence at position L - 1 - pos, then flipped.
+    """
+    def rows(br, A, p):
+        return jax.vmap(functools.partial(ssm.class_token_row, pos=p, official=official),
+                        in_axes=(0, None, 0, 0))(br["delta"], A, br["B"], br["C"])
+
+    fwd = rows(inter["fwd"], A_f, pos)
+    if "bwd" not in inter:
+        return fwd, None
+    L = fwd.shape[-1]
+    bwd = jnp.flip(rows(inter["bwd"], A_b, L - 1 - pos), axis=-1)
+    return fwd, bwd
+
+
+def official_cls_vector(inter, A_f, A_b, pos: int):
+    """The official explainability code's class-token vector of one layer [B, E, L].
+
+    Positions 0..pos from the forward branch (truncated decay, zero at pos), positions
+    pos+1..L-1 from the backward branch computed on the reversed sequence. Where the
+    official code reuses index ``pos`` in the reversed sequence (the same token only when
+    L is odd and the class token is in the middle), this uses L - 1 - pos, the class token's
+    true reversed position, so any grid and class-token position is handled.
+    """
+    fwd, bwd = class_token_rows(inter, A_f, A_b, pos, official=True)
+    if bwd is None:
+        return fwd
+    after = jnp.arange(fwd.shape[-1]) > pos
+    return jnp.where(after, bwd, fwd)
+
+
+def exact_cls_row(config: VimConfig, inter, A_f, A_b, pos: int):
+    """The class-token row of the mixer's combined hidden attention [B, E, L] (diagonal included):
+    w * (alpha_fwd[pos] + alpha_bwd[pos]), w the mixer's branch weight."""
+    fwd, bwd = class_token_rows(inter, A_f, A_b, pos, official=False)
+    if bwd is None:
+        return fwd
+    return branch_weight(config) * (fwd + bwd)
+
+
+def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = False,
+                           budget: int = DEFAULT_BUDGET):
+    """Channel statistics of one layer's combined matrix w * (alpha_fwd + alpha_bwd):
+    its channel mean [B, L, L] and its min and max over channels and positions ([B] each),
+    so that the channel mean of the per-image min-max normalized tensor is
+    (mean - min) / (max - min). ``clamp`` applies max(alpha, 0) first (Mamba-Attribution).
+    Computed chunk by chunk over channels: the [E, L, L] tensor never exists at once."""
+    f, b = inter["fwd"], inter.get("bwd")
+    E, N = A_f.shape
+    Bsz, L = f["delta"].shape[:2]
+    chunk = _channel_chunk(E, Bsz, L, N, budget // (2 if b is not None else 1))
+    alpha = jax.vmap(ssm.hidden_attention, in_axes=(0, None, 0, 0))
+
+    def stats(xs):
+        m = alpha(xs[0], xs[1], f["B"], f["C"])  # [B, c, L, L]
+        if b is not None:
+            m = branch_weight(config) * (m + _flip_both(alpha(xs[2], xs[3], b["B"], b["C"])))
+        if clamp:
+            m = jnp.maximum(m, 0.0)
+        return m.sum(1), m.min(axis=(1, 2, 3)), m.max(axis=(1, 2, 3))
+
+    xs = _split_channels(f["delta"], A_f, chunk)
+    if b is not None:
+        xs = xs + _split_channels(b["delta"], A_b, chunk)
+    sums, lows, highs = jax.lax.map(stats, xs)
+    return sums.sum(0) / E, lows.min(0), highs.max(0)

@@ -1,0 +1,158 @@
+"""The three explanation methods of "The Hidden Attention of Mamba Models", as pure functions.
+
+    raw_attention       per-layer class-token attention, min-max normalized, averaged
+    rollout             attention rollout over the layers from ``start_layer`` on
+    mamba_attribution   attention weighted by the positive gradient of the target logit
+                        with respect to the residual stream entering each layer, rolled out
+
+Two modes (SPEC section 4):
+  "official" reproduces the official code: the truncated class-token vector (no
+     diagonal, decay stopping one step early) and the rank-one rollout I + 1 a^T;
+  "exact" uses the exact hidden attention: the class-token row of the combined matrix
+     w (alpha_fwd + alpha_bwd) (diagonal included), and a true L x L rollout over the
+     channel mean of the combined matrices.
+Both work on any batch size, class-token position and grid, under ``jax.jit``.
+Gradients come from zero-valued inputs added to the residual stream (``perturb``) and
+``jax.vjp``: no hooks, no state.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from mamba_jax.config import VimConfig
+from mamba_jax.vim import vim_apply
+from xai.hidden_attention import (
+    DEFAULT_BUDGET,
+    channel_reduced_matrix,
+    exact_cls_row,
+    layer_A,
+    official_cls_vector,
+)
+from xai.rollout import rank_one, rollout
+
+METHODS = ("raw_attention", "rollout", "mamba_attribution")
+MODES = ("exact", "official")
+
+
+def _minmax(x, axes):
+    lo = x.min(axis=axes, keepdims=True)
+    hi = x.max(axis=axes, keepdims=True)
+    return (x - lo) / (hi - lo)
+
+
+def _layer_inter(inter, l: int):
+    return {name: {k: v[l] for k, v in inter[name].items()} for name in ("fwd", "bwd") if name in inter}
+
+
+def _resolve_target(target, logits):
+    if target is None:
+        return jnp.argmax(logits, axis=-1)
+    target = jnp.asarray(target, jnp.int32)
+    return jnp.broadcast_to(target, logits.shape[:1])
+
+
+def forward_with_gradients(config: VimConfig, params, images, target=None):
+    """One forward and backward pass: (logits, intermediates, grads, target).
+
+    grads [depth, B, L, D] = d logit_target / d residual_l for every layer l, per image
+    (the images of a batch do not interact, so the gradient of the summed target logits
+    is each image's own gradient).
+    """
+    B = images.shape[0]
+    perturb = jnp.zeros((config.depth, B, config.seq_len, config.embed_dim), jnp.float32)
+
+    def f(p):
+        logits, inter = vim_apply(config, params, images, capture=True, perturb=p)
+        tgt = jax.lax.stop_gradient(_resolve_target(target, logits))
+        return jnp.take_along_axis(logits, tgt[:, None], axis=1).sum(), (logits, inter, tgt)
+
+    (_, (logits, inter, tgt)), grads = jax.value_and_grad(f, has_aux=True)(perturb)
+    return logits, inter, grads, tgt
+
+
+def _grad_relevance(grads_l):
+    """s_l [B, L]: max over features of the positive gradient, min-max normalized over tokens."""
+    s = jnp.maximum(grads_l, 0.0).max(-1)
+    return _minmax(s, (-1,))
+
+
+def _to_grid(config: VimConfig, token_map):
+    """[B, L] over tokens -> [B, grid_h, grid_w] over patches (class tokens dropped), clamped at 0."""
+    patches = token_map[:, jnp.asarray(config.patch_positions)]
+    return jnp.maximum(patches.reshape(-1, *config.grid), 0.0)
+
+
+def _per_layer(config, params, inter, layers, fn):
+    return jnp.stack([fn(_layer_inter(inter, l), *layer_A(config, params, l)) for l in layers])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget"))
+def _explain(config, params, images, target, *, method, start_layer, mode, budget):
+    pos = config.cls_pos
+    layers = range(start_layer, config.depth)
+    if method == "mamba_attribution":
+        _, inter, grads, _ = forward_with_gradients(config, params, images, target)
+    else:
+        _, inter = vim_apply(config, params, images, capture=True)
+        grads = None
+
+    if mode == "official":
+        vec = _per_layer(config, params, inter, layers,
+                         lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, pos))  # [n, B, E, L]
+        if method == "raw_attention":
+            token_map = _minmax(vec, (-2, -1)).mean(-2).mean(0)
+        elif method == "rollout":
+            token_map = rollout(rank_one(vec.mean(-2)), pos)
+        else:
+            a = _minmax(jnp.maximum(vec, 0.0), (-2, -1)).mean(-2)  # [n, B, L]
+            s = jnp.stack([_grad_relevance(grads[l]) for l in layers])
+            token_map = rollout(rank_one(a * s), pos)
+    else:
+        if method == "raw_attention":
+            rows = _per_layer(config, params, inter, layers,
+                              lambda br, A_f, A_b: exact_cls_row(config, br, A_f, A_b, pos))
+            token_map = _minmax(rows, (-2, -1)).mean(-2).mean(0)
+        elif method == "rollout":
+            mats = _per_layer(config, params, inter, layers,
+                              lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b,
+                                                                          budget=budget)[0])
+            token_map = rollout(mats, pos)
+        else:
+            def weighted(br, A_f, A_b):
+                mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
+                return (mean - lo[:, None, None]) / (hi - lo)[:, None, None]
+            mats = _per_layer(config, params, inter, layers, weighted)  # [n, B, L, L]
+            s = jnp.stack([_grad_relevance(grads[l]) for l in layers])  # [n, B, L]
+            token_map = rollout(mats * s[:, :, None, :], pos)
+    return _to_grid(config, token_map)
+
+
+def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
+            mode: str = "exact", budget: int = DEFAULT_BUDGET):
+    """Explanation maps float32 [B, grid_h, grid_w] (class token removed, clamped at 0).
+
+    method: "raw_attention", "rollout" or "mamba_attribution"; mode: "exact" or "official".
+    target (Mamba-Attribution only): None = each image's top-1 class, an int, or one class
+    per image. start_layer: the first layer used (0-based; the official default is 15 of 24).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if config.cls_token in ("none", "double"):
+        raise ValueError(f"the explanation methods follow one class token; this model has cls_token="
+                         f"{config.cls_token!r}")
+    if not 0 <= start_layer < config.depth:
+        raise ValueError(f"start_layer {start_layer} is outside the model's {config.depth} layers")
+    if target is not None and method != "mamba_attribution":
+        target = None  # only the gradient method depends on the class
+    if target is not None:
+        t = jnp.asarray(target)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != len(images)):
+            raise ValueError(f"target must be an int or one class per image ({len(images)}), got shape {t.shape}")
+    return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
+                    budget=budget)
