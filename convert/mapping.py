@@ -217,9 +217,11 @@ def infer_config(sd: Mapping[str, np.ndarray], img_size: int = 224) -> VimConfig
             raise CheckpointError(f"pos_embed has {n_tokens} patch positions, not a square grid")
         if side > 1:
             stride = (img_size - p) // (side - 1)
-        if (img_size - p) // stride + 1 != side:
-            raise CheckpointError(f"pos_embed of a {side}x{side} grid does not fit img_size {img_size}"
-                                  f" with patch {p}; pass img_size")
+        # a stride above the patch size would skip pixels: no Vim does that, so the image
+        # size must be another one (shapes cannot tell it; the caller must)
+        if (img_size - p) // stride + 1 != side or (side > 1 and (img_size - p) % (side - 1)) or stride > p:
+            raise CheckpointError(f"pos_embed of a {side}x{side} grid does not fit img_size {img_size} with patch "
+                                  f"{p}: pass the model's VimConfig as variant (or img_size to infer_config)")
     config = VimConfig(embed_dim=D, depth=depth, patch_size=p, stride=stride, img_size=img_size,
                        channels=C, num_classes=num_classes, d_state=N, d_conv=K,
                        expand=two_E // (2 * D), dt_rank=None if R == -(-D // 16) else R,

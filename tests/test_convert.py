@@ -214,3 +214,41 @@ def test_bad_images_are_named(tiny):
         vim_apply(config, params, np.zeros((1, 48, 48, 3), np.float32))
     with pytest.raises(ValueError, match=r"batch \[B, H, W, C\]"):
         vim_apply(config, params, np.zeros((32, 32, 3), np.float32))
+
+
+def test_inference_refuses_an_image_size_it_cannot_know(tiny):
+    config, params = tiny  # 32 x 32 images: with the default img_size=224 the grid cannot fit
+    sd = params_to_state_dict(config, params)
+    with pytest.raises(CheckpointError, match="pass the model's VimConfig as variant"):
+        load_checkpoint(sd)
+    assert infer_config(sd, img_size=32).grid == config.grid
+
+
+def test_command_line_convert_and_validate(tiny, tmp_path, capsys):
+    from convert.__main__ import main
+
+    config, params = tiny
+    src = export_state_dict(config, params, tmp_path / "t.pth")
+    out = tmp_path / "conv"
+    # the .pth of a 32-pixel model does not say its image size: the error says what to do
+    assert main([str(src), str(out)]) == 2
+    assert "pass the model's VimConfig" in capsys.readouterr().err
+    save_params(tmp_path / "folder", config, params)
+    assert main(["validate", str(tmp_path / "folder"), "--json", str(tmp_path / "r.json")]) == 0
+    report = capsys.readouterr().out
+    assert "top-5 set agreement 100%" in report and "layer  1:" in report
+    import json
+
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["logits_rel_to_max"] < 1e-5 and len(r["layers"]) == config.depth
+
+
+def test_command_line_converts_official_variant(tmp_path, capsys):
+    from convert.__main__ import main
+
+    config = vim_tiny().replace(depth=2, name="")
+    params = init_params(config, jax.random.PRNGKey(0))
+    src = export_state_dict(config, params, tmp_path / "v.pth")
+    assert main([str(src), str(tmp_path / "out")]) == 0
+    loaded_config, loaded = load_checkpoint(tmp_path / "out")
+    assert loaded_config.embed_dim == 192 and loaded_config.depth == 2 and leaves_equal(params, loaded)
