@@ -36,6 +36,12 @@ from xai.rollout import rank_one, rollout
 
 METHODS = ("raw_attention", "rollout", "mamba_attribution")
 MODES = ("exact", "official")
+OFFICIAL_START_LAYER, OFFICIAL_DEPTH = 15, 24
+
+
+def default_start_layer(config: VimConfig) -> int:
+    """The official start layer (15 of 24) scaled to the model's depth: 5 for 8 layers."""
+    return min(config.depth - 1, round(OFFICIAL_START_LAYER * config.depth / OFFICIAL_DEPTH))
 
 
 def _minmax(x, axes):

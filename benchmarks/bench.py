@@ -1,0 +1,233 @@
+"""Benchmarks of the Flax Vim and the explanation methods (run on the GPU for the README table).
+
+    python benchmarks/bench.py --out benchmarks/results/h200        # everything, ~6 min on an H200
+    python benchmarks/bench.py --models tiny --batches 1,8 --quick   # a smoke run on a CPU
+
+Measures, per model (Vim-T/S/B, random weights, float32, matmul precision "highest"
+unless --precision default) and batch size: forward throughput, explanation throughput
+of each method (official and exact modes), single-image latency, the compiled peak
+memory (XLA's memory analysis: arguments + outputs + temporaries), the full hidden
+attention of every layer of one Vim-T image consumed chunk by chunk, and, with --torch,
+the pure-PyTorch reference on the same device. Every timing is the median of --reps runs
+after warm-up, each ended with block_until_ready. Writes results.json and results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from mamba_jax import init_params, official, vim_apply  # noqa: E402
+from xai.hidden_attention import hidden_attention  # noqa: E402
+from xai.methods import METHODS, explain  # noqa: E402
+
+MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def timeit(fn, *args, reps=10, warmup=2):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def peak_bytes(fn, *args):
+    """XLA's static memory analysis of the compiled function: args + outputs + temporaries."""
+    try:
+        m = jax.jit(fn).lower(*args).compile().memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # some backends have no analysis
+        return None
+
+
+def bench_model(name, batches, args, rows):
+    config = official(MODELS[name])
+    params = init_params(config, jax.random.PRNGKey(0))
+    start = config.depth * 15 // 24
+    for B in batches:
+        images = jax.random.normal(jax.random.PRNGKey(B), (B, config.img_size, config.img_size, 3))
+        for scan in args.scans:
+            fwd = jax.jit(lambda p, x, scan=scan: vim_apply(config, p, x, scan_method=scan,
+                                                             precision=args.precision))
+            try:
+                t = timeit(fwd, params, images, reps=args.reps)
+                row = dict(model=name, batch=B, work="forward", scan=scan, seconds=t, img_per_s=B / t,
+                           peak_gib=_gib(peak_bytes(fwd, params, images)))
+                rows.append(row)
+                log(_fmt(row))
+            except Exception as e:
+                log(f"forward {name} B={B} {scan}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        if args.skip_explain:
+            continue
+        for mode in args.modes:
+            for method in METHODS:
+                if mode == "exact" and B > args.max_exact_batch:
+                    continue
+                fn = jax.jit(lambda p, x, method=method, mode=mode: explain(
+                    config, p, x, method, start_layer=start, mode=mode))
+                try:
+                    t = timeit(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
+                    row = dict(model=name, batch=B, work=f"{method}/{mode}", scan="auto", seconds=t,
+                               img_per_s=B / t, peak_gib=_gib(peak_bytes(fn, params, images)))
+                    rows.append(row)
+                    log(_fmt(row))
+                except Exception as e:
+                    log(f"{method}/{mode} {name} B={B}: FAILED {type(e).__name__}: {str(e)[:300]}")
+
+
+def bench_full_attention(rows, reps):
+    """All layers, all channels, both branches of one Vim-T image, consumed layer by layer
+    (each layer's [2, E, L, L] block is reduced to a checksum, so memory stays one layer)."""
+    config = official("vim_tiny")
+    params = init_params(config, jax.random.PRNGKey(0))
+    image = jax.random.normal(jax.random.PRNGKey(1), (1, 224, 224, 3))
+
+    @jax.jit
+    def all_layers(p, x):
+        def one(l):
+            return hidden_attention(config, p, x, layers=l).sum()
+        return jax.lax.map(one, jnp.arange(config.depth))
+
+    try:
+        t = timeit(all_layers, params, image, reps=reps, warmup=1)
+        row = dict(model="tiny", batch=1, work="hidden attention, 24 layers x 2 branches x 384 ch",
+                   scan="auto", seconds=t, img_per_s=1 / t, peak_gib=_gib(peak_bytes(all_layers, params, image)))
+        rows.append(row)
+        log(_fmt(row))
+    except Exception as e:
+        log(f"full attention: FAILED {type(e).__name__}: {str(e)[:300]}")
+        traceback.print_exc()
+
+
+def bench_torch(names, batches, rows, reps):
+    try:
+        import torch
+
+        from convert.checkpoint import load_checkpoint  # noqa: F401  (keeps the import path honest)
+        from convert.reference import VimReference, mamba_attribution
+    except Exception as e:
+        log(f"torch reference unavailable: {e}")
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for name in names:
+        config = official(MODELS[name])
+        model = VimReference(config).to(device).eval()
+        for B in batches:
+            x = torch.randn(B, 3, 224, 224, device=device)
+
+            def run(fn):
+                times = []
+                for i in range(reps + 1):
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    fn()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    if i:
+                        times.append(time.perf_counter() - t)
+                return statistics.median(times)
+
+            with torch.no_grad():
+                t = run(lambda m=model, x=x: m(x))
+            rows.append(dict(model=name, batch=B, work="forward", scan="torch-reference", seconds=t,
+                             img_per_s=B / t, peak_gib=None))
+            log(_fmt(rows[-1]))
+            if B == 1:
+                t = run(lambda m=model, x=x: mamba_attribution(m, x, start_layer=15))
+                rows.append(dict(model=name, batch=B, work="mamba_attribution/official", scan="torch-reference",
+                                 seconds=t, img_per_s=B / t, peak_gib=None))
+                log(_fmt(rows[-1]))
+    try:
+        import mamba_ssm  # noqa: F401
+
+        log("mamba_ssm is importable, but this script does not build the official Vim with it")
+    except Exception:
+        log("mamba_ssm (official CUDA kernels) is not importable here: its column is left out")
+
+
+def _gib(b):
+    return None if b is None else b / 2**30
+
+
+def _fmt(r):
+    mem = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-"
+    return (f"{r['model']:>5} B={r['batch']:<4} {r['work']:<34} {r['scan']:<16} "
+            f"{r['seconds'] * 1e3:10.2f} ms {r['img_per_s']:10.1f} img/s  {mem}")
+
+
+def write(rows, out: Path, meta):
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    os.replace(tmp, out / "results.json")
+    lines = [f"Device: {meta['device']}; jax {meta['jax']}; precision {meta['precision']}; "
+             f"median of {meta['reps']} runs after warm-up.", "",
+             "| model | batch | work | path | ms | img/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mem = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        lines.append(f"| {r['model']} | {r['batch']} | {r['work']} | {r['scan']} | {r['seconds'] * 1e3:.2f} | "
+                     f"{r['img_per_s']:.1f} | {mem} |")
+    tmp = out / ".results.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, out / "results.md")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,small,base")
+    p.add_argument("--batches", default="1,32,128")
+    p.add_argument("--scans", default="auto", help="comma list of auto, associative, sequential, pallas")
+    p.add_argument("--modes", default="official,exact")
+    p.add_argument("--max-exact-batch", type=int, default=32)
+    p.add_argument("--precision", default="highest")
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--skip-explain", action="store_true")
+    p.add_argument("--full-attention", action="store_true")
+    p.add_argument("--torch", action="store_true", help="also time the pure-PyTorch reference")
+    p.add_argument("--torch-batches", default="1,32")
+    p.add_argument("--out", default="benchmarks/results/latest")
+    args = p.parse_args(argv)
+    args.scans = args.scans.split(",")
+    args.modes = args.modes.split(",")
+    if args.precision == "default":
+        args.precision = None
+    batches = [int(b) for b in args.batches.split(",")]
+    meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, precision=str(args.precision),
+                reps=args.reps, argv=sys.argv[1:])
+    log(f"# {meta}")
+    rows: list[dict] = []
+    for name in args.models.split(","):
+        bench_model(name, batches, args, rows)
+        write(rows, Path(args.out), meta)
+    if args.full_attention:
+        bench_full_attention(rows, max(3, args.reps // 2))
+    if args.torch:
+        bench_torch(args.models.split(","), [int(b) for b in args.torch_batches.split(",")], rows, reps=2)
+    write(rows, Path(args.out), meta)
+    log(f"wrote {args.out}/results.json and results.md")
+
+
+if __name__ == "__main__":
+    main()

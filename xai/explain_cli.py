@@ -1,0 +1,229 @@
+"""``mamba-jax explain``: explanation maps, figures and predictions for image files.
+
+    mamba-jax explain IMAGES... --out DIR [--checkpoint SRC] [--variant NAME]
+        [--methods all|m1,m2] [--mode exact|official|both] [--batch-size N]
+        [--start-layer N] [--target CLASS] [--attention-layer N]
+
+Writes to DIR, for each image ``<stem>``: ``<stem>_<method>_<mode>.npy`` (float32
+[grid_h, grid_w] maps), ``<stem>.png`` (the image and one overlay per method, one row per
+mode); with ``--attention-layer N`` also ``<stem>_attention_layer<N>.png`` for the first
+image (channels 0..3); and one ``predictions.json`` (top-5 classes per image). Every file is
+written atomically. Images go through the official evaluation transform
+(``mamba_jax.preprocess``); batches have a fixed size (the last one is padded and the
+padding discarded) so each method compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from mamba_jax import preprocess, to_unit, vim_apply
+from mamba_jax.config import VimConfig
+from xai import plot
+from xai.hidden_attention import hidden_attention
+from xai.labels import class_names
+from xai.methods import METHODS, MODES, default_start_layer, explain
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+DEMO = "demo"
+ATTENTION_CHANNELS = 4
+TOP_K = 5
+PREDICTIONS = "predictions.json"
+
+
+class ExplainError(SystemExit):
+    """A user error: exits with status 1 and this one-line message (no traceback)."""
+
+    def __init__(self, message: str):
+        super().__init__(f"mamba-jax explain: error: {message}")
+
+
+# ------------------------------------------------------------------------ arguments
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "explain", help="explanation maps, figures and top-5 predictions for images",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGES",
+                   help=f"image files or folders (a folder contributes its {'/'.join(IMAGE_SUFFIXES)} files)")
+    p.add_argument("--checkpoint", default=DEMO, metavar="SRC",
+                   help="'demo' (the embedded demo model, default), a .pth/.safetensors file, a hub id "
+                        "such as hustvl/Vim-small-midclstok, or a converted folder")
+    p.add_argument("--variant", default=None, metavar="NAME",
+                   help="official variant name of the checkpoint (default: inferred from its shapes)")
+    p.add_argument("--methods", default="all", metavar="all|LIST",
+                   help=f"'all' or a comma-separated list of {', '.join(METHODS)}")
+    p.add_argument("--mode", choices=(*MODES, "both"), default="exact",
+                   help="exact hidden attention, the official code's approximations, or both (default exact)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="N", help="images per batch (default 8)")
+    p.add_argument("--start-layer", type=int, default=None, metavar="N",
+                   help="first layer used (0-based; default 15 of 24, scaled to the model's depth)")
+    p.add_argument("--target", type=int, default=None, metavar="CLASS",
+                   help="class explained by Mamba-Attribution (default: each image's top-1)")
+    p.add_argument("--attention-layer", type=int, default=None, metavar="N",
+                   help="also plot the hidden attention matrices of layer N (first image, channels 0..3)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    p.set_defaults(run=run)
+    return p
+
+
+def find_images(sources) -> list[Path]:
+    """Files as given, folders expanded to their image files (sorted by name); errors name the culprit."""
+    found: list[Path] = []
+    for src in map(Path, sources):
+        if src.is_dir():
+            found.extend(sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif src.is_file():
+            found.append(src)
+        else:
+            raise ExplainError(f"no such file or folder: {src}")
+    if not found:
+        raise ExplainError(f"no images found in {', '.join(map(str, sources))} "
+                           f"(looked for {'/'.join(IMAGE_SUFFIXES)} files)")
+    stems: dict[str, Path] = {}
+    for f in found:
+        if f.stem in stems:
+            raise ExplainError(f"{stems[f.stem]} and {f} share the name {f.stem!r}: their outputs would collide")
+        stems[f.stem] = f
+    return found
+
+
+def check_readable(path: Path) -> None:
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises several unrelated types for bad files
+        raise ExplainError(f"cannot read image {path}: {e}") from None
+
+
+def parse_methods(text: str) -> tuple[str, ...]:
+    if text.strip() == "all":
+        return METHODS
+    methods = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ExplainError(f"unknown method {', '.join(map(repr, unknown)) or repr(text)}; "
+                           f"valid: all or a comma-separated list of {', '.join(METHODS)}")
+    return tuple(dict.fromkeys(methods))
+
+
+def load_model(checkpoint: str, variant: str | None) -> tuple[VimConfig, dict]:
+    if checkpoint == DEMO:
+        if variant is not None:
+            raise ExplainError("--variant does not apply to the demo model")
+        from xai.demo import demo_model
+
+        try:
+            return demo_model()
+        except FileNotFoundError as e:
+            raise ExplainError(str(e)) from None
+    from convert.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint, variant)
+
+
+# ------------------------------------------------------------------------- outputs
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    plot.atomic_write(path, lambda f: np.save(f, np.asarray(array, np.float32)))
+
+
+def _save_json(path: Path, obj) -> None:
+    plot.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def top_k(probs: np.ndarray, names, k: int = TOP_K) -> dict:
+    idx = np.argsort(-probs, kind="stable")[: min(k, probs.shape[-1])]
+    return {"indices": [int(i) for i in idx], "classes": [names[i] for i in idx],
+            "probabilities": [float(probs[i]) for i in idx]}
+
+
+def _pad(batch: np.ndarray, size: int) -> np.ndarray:
+    """Repeat the last image up to ``size`` (keeps every batch the same shape: one compilation)."""
+    if len(batch) == size:
+        return batch
+    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
+
+
+def print_summary(rows: list[dict]) -> None:
+    width = max(len("image"), *(len(r["image"]) for r in rows))
+    cls_width = max(len("top-1"), *(len(r["top5"]["classes"][0]) for r in rows))
+    print(f"{'image':<{width}}  {'class':>5}  {'top-1':<{cls_width}}  {'prob':>6}")
+    for r in rows:
+        t = r["top5"]
+        print(f"{r['image']:<{width}}  {t['indices'][0]:>5}  {t['classes'][0]:<{cls_width}}  "
+              f"{t['probabilities'][0]:>6.3f}")
+
+
+# ----------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    files = find_images(args.images)
+    for f in files:
+        check_readable(f)
+    methods = parse_methods(args.methods)
+    modes = MODES if args.mode == "both" else (args.mode,)
+    if args.batch_size < 1:
+        raise ExplainError(f"--batch-size must be at least 1, got {args.batch_size}")
+
+    config, params = load_model(args.checkpoint, args.variant)
+    if config.num_cls_tokens != 1:
+        raise ExplainError(f"the explanation methods follow one class token; this model has cls_token="
+                           f"{config.cls_token!r}")
+    start = args.start_layer if args.start_layer is not None else default_start_layer(config)
+    if not 0 <= start < config.depth:
+        raise ExplainError(f"--start-layer {start} is out of range: the model has {config.depth} layers "
+                           f"(0..{config.depth - 1})")
+    if args.target is not None and not 0 <= args.target < config.num_classes:
+        raise ExplainError(f"--target {args.target} is out of range: the model has {config.num_classes} classes")
+    if args.attention_layer is not None and not 0 <= args.attention_layer < config.depth:
+        raise ExplainError(f"--attention-layer {args.attention_layer} is out of range: "
+                           f"the model has {config.depth} layers (0..{config.depth - 1})")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = class_names(config)
+    bs = min(args.batch_size, len(files))  # no batch larger than the images need
+    rows: list[dict] = []
+    with tqdm(total=len(files), desc="explain", unit="image") as bar:
+        for b0 in range(0, len(files), bs):
+            chunk = files[b0:b0 + bs]
+            try:
+                x = np.stack([preprocess(f, config) for f in chunk])
+                x01 = [to_unit(f, config.img_size) for f in chunk]
+            except Exception as e:
+                raise ExplainError(f"cannot read image in {', '.join(map(str, chunk))}: {e}") from None
+            x = jnp.asarray(_pad(x, bs))
+            probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x), axis=-1))[: len(chunk)]
+            maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
+                                                  mode=mode))[: len(chunk)]
+                    for mode in modes for m in methods}
+            for i, f in enumerate(chunk):
+                for (mode, m), arr in maps.items():
+                    _save_npy(out / f"{f.stem}_{m}_{mode}.npy", arr[i])
+                top = top_k(probs[i], names)
+                rows.append({"image": f.name, "path": str(f), "top5": top})
+                title = f"{f.name}: {top['classes'][0]} ({top['probabilities'][0]:.2f})"
+                plot.modes_figure(x01[i], {mode: {m: maps[mode, m][i] for m in methods} for mode in modes},
+                                  out / f"{f.stem}.png", title=title)
+            bar.update(len(chunk))
+
+    if args.attention_layer is not None:
+        channels = list(range(min(ATTENTION_CHANNELS, config.d_inner)))
+        alpha = hidden_attention(config, params, jnp.asarray(preprocess(files[0], config))[None],
+                                 layers=[args.attention_layer], channels=channels)
+        plot.attention_matrices_figure(np.asarray(alpha[0, 0]), channels, args.attention_layer,
+                                       out / f"{files[0].stem}_attention_layer{args.attention_layer}.png",
+                                       cls_pos=config.cls_pos)
+
+    _save_json(out / PREDICTIONS, {
+        "checkpoint": str(args.checkpoint), "model": config.name, "methods": list(methods), "modes": list(modes),
+        "start_layer": start, "target": args.target, "images": rows})
+    print_summary(rows)
+    print(f"wrote {len(files)} image(s) x {len(methods)} method(s) x {len(modes)} mode(s) to {out}")
+    return 0
