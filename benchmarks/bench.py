@@ -29,7 +29,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mamba_jax import init_params, official, vim_apply  # noqa: E402
-from xai.hidden_attention import hidden_attention  # noqa: E402
+from xai.hidden_attention import map_hidden_attention  # noqa: E402
 from xai.methods import METHODS, explain  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
@@ -60,11 +60,23 @@ def peak_bytes(fn, *args):
         return None
 
 
+T0 = time.perf_counter()
+
+
+def over_budget(args, what):
+    if time.perf_counter() - T0 > args.budget:
+        log(f"SKIPPED (time budget {args.budget:.0f} s spent): {what}")
+        return True
+    return False
+
+
 def bench_model(name, batches, args, rows):
     config = official(MODELS[name])
     params = init_params(config, jax.random.PRNGKey(0))
     start = config.depth * 15 // 24
     for B in batches:
+        if over_budget(args, f"{name} batch {B}"):
+            continue
         images = jax.random.normal(jax.random.PRNGKey(B), (B, config.img_size, config.img_size, 3))
         for scan in args.scans:
             fwd = jax.jit(lambda p, x, scan=scan: vim_apply(config, p, x, scan_method=scan,
@@ -81,7 +93,7 @@ def bench_model(name, batches, args, rows):
             continue
         for mode in args.modes:
             for method in METHODS:
-                if mode == "exact" and B > args.max_exact_batch:
+                if mode == "exact" and B > args.max_exact_batch or over_budget(args, f"{method}/{mode} {name} B={B}"):
                     continue
                 fn = jax.jit(lambda p, x, method=method, mode=mode: explain(
                     config, p, x, method, start_layer=start, mode=mode))
@@ -102,11 +114,10 @@ def bench_full_attention(rows, reps):
     params = init_params(config, jax.random.PRNGKey(0))
     image = jax.random.normal(jax.random.PRNGKey(1), (1, 224, 224, 3))
 
-    @jax.jit
-    def all_layers(p, x):
-        def one(l):
-            return hidden_attention(config, p, x, layers=l).sum()
-        return jax.lax.map(one, jnp.arange(config.depth))
+    def checksum(alpha):  # a consumer: reduce each layer's [1, 2, E, L, L] block as it is made
+        return alpha.sum(axis=(2, 3, 4))
+
+    all_layers = jax.jit(lambda p, x: map_hidden_attention(config, p, x, checksum))
 
     try:
         t = timeit(all_layers, params, image, reps=reps, warmup=1)
@@ -117,6 +128,37 @@ def bench_full_attention(rows, reps):
     except Exception as e:
         log(f"full attention: FAILED {type(e).__name__}: {str(e)[:300]}")
         traceback.print_exc()
+
+
+def bench_bf16(rows, reps, report):
+    """bfloat16 projections (scan and residual stream in float32): speed, and the effect on
+    logits and on the official/exact maps, against float32, for Vim-S with random weights."""
+    config = official("vim_small")
+    params = init_params(config, jax.random.PRNGKey(0))
+    images = jax.random.normal(jax.random.PRNGKey(7), (128, 224, 224, 3))
+    for dtype in (None, jnp.bfloat16):
+        fwd = jax.jit(lambda p, x, dtype=dtype: vim_apply(config, p, x, precision=None, dtype=dtype))
+        t = timeit(fwd, params, images, reps=reps)
+        rows.append(dict(model="small", batch=128, work=f"forward {'bf16' if dtype else 'f32 (tf32 matmuls)'}",
+                         scan="auto", seconds=t, img_per_s=128 / t, peak_gib=_gib(peak_bytes(fwd, params, images))))
+        log(_fmt(rows[-1]))
+    fn = jax.jit(lambda p, x: explain(config, p, x, "mamba_attribution", start_layer=15, mode="official",
+                                      dtype=jnp.bfloat16))
+    t = timeit(fn, params, images, reps=max(3, reps // 2), warmup=1)
+    rows.append(dict(model="small", batch=128, work="mamba_attribution/official bf16", scan="auto", seconds=t,
+                     img_per_s=128 / t, peak_gib=None))
+    log(_fmt(rows[-1]))
+    x = images[:16]
+    l32 = vim_apply(config, params, x)
+    l16 = vim_apply(config, params, x, dtype=jnp.bfloat16)
+    report["bf16_logits_max_abs_diff_rel_to_max"] = float(jnp.abs(l32 - l16).max() / jnp.abs(l32).max())
+    report["bf16_top1_agreement"] = float((l32.argmax(-1) == l16.argmax(-1)).mean())
+    for method in METHODS:
+        for mode in ("official", "exact"):
+            a = explain(config, params, x, method, mode=mode)
+            b = explain(config, params, x, method, mode=mode, dtype=jnp.bfloat16)
+            report[f"bf16_{method}_{mode}_map_max_abs_diff_rel_to_max"] = float(jnp.abs(a - b).max() / jnp.abs(a).max())
+    log("bf16 effect:", json.dumps(report, indent=1))
 
 
 def bench_torch(names, batches, rows, reps):
@@ -205,9 +247,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--skip-explain", action="store_true")
     p.add_argument("--full-attention", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 speed and its effect on logits and maps")
     p.add_argument("--torch", action="store_true", help="also time the pure-PyTorch reference")
     p.add_argument("--torch-batches", default="1,32")
     p.add_argument("--out", default="benchmarks/results/latest")
+    p.add_argument("--budget", type=float, default=1e9, help="skip what is left after this many seconds")
+    p.add_argument("--order", default="models,full-attention,bf16,torch",
+                   help="order of the sections (the budget cuts the last ones)")
     args = p.parse_args(argv)
     args.scans = args.scans.split(",")
     args.modes = args.modes.split(",")
@@ -218,14 +264,22 @@ def main(argv=None):
                 reps=args.reps, argv=sys.argv[1:])
     log(f"# {meta}")
     rows: list[dict] = []
-    for name in args.models.split(","):
-        bench_model(name, batches, args, rows)
+    for section in args.order.split(","):
+        if section == "models":
+            for name in args.models.split(","):
+                bench_model(name, batches, args, rows)
+                write(rows, Path(args.out), meta)
+        elif section == "full-attention" and args.full_attention and not over_budget(args, section):
+            bench_full_attention(rows, max(3, args.reps // 2))
+        elif section == "bf16" and args.bf16 and not over_budget(args, section):
+            meta["bf16"] = {}
+            bench_bf16(rows, args.reps, meta["bf16"])
+        elif section == "torch" and args.torch and not over_budget(args, section):
+            bench_torch(args.models.split(","), [int(b) for b in args.torch_batches.split(",")], rows, reps=2)
+        elif section.startswith("models:"):  # e.g. models:base, to run a model after the other sections
+            for name in section.split(":")[1].split("+"):
+                bench_model(name, batches, args, rows)
         write(rows, Path(args.out), meta)
-    if args.full_attention:
-        bench_full_attention(rows, max(3, args.reps // 2))
-    if args.torch:
-        bench_torch(args.models.split(","), [int(b) for b in args.torch_batches.split(",")], rows, reps=2)
-    write(rows, Path(args.out), meta)
     log(f"wrote {args.out}/results.json and results.md")
 
 

@@ -129,6 +129,7 @@ class Mixer(nn.Module):
     config: VimConfig
     scan_method: str = "auto"
     precision: Any = None
+    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
 
     def branch_inputs(self, x, s: str):
         """conv1d{s} -> silu -> x_proj{s} -> dt_proj{s}: u, dt, B, C, A, D (delta = softplus(dt)).
@@ -139,9 +140,9 @@ class Mixer(nn.Module):
         cfg = self.config
         E, N, R = cfg.d_inner, cfg.d_state, cfg.rank
         u = nn.silu(CausalConv1d(cfg.d_conv, name=f"conv1d{s}")(x))
-        x_dbl = nn.Dense(R + 2 * N, use_bias=False, precision=self.precision, name=f"x_proj{s}")(u)
+        x_dbl = nn.Dense(R + 2 * N, use_bias=False, precision=self.precision, dtype=self.dtype, name=f"x_proj{s}")(u)
         dt_low, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-        dt = nn.Dense(E, precision=self.precision, kernel_init=_uniform(R ** -0.5),
+        dt = nn.Dense(E, precision=self.precision, dtype=self.dtype, kernel_init=_uniform(R ** -0.5),
                       bias_init=_dt_bias_init, name=f"dt_proj{s}")(dt_low)
         A_log = self.param("A_b_log" if s else "A_log", _a_log_init, (E, N))
         D = self.param("D" + s, nn.initializers.ones, (E,))
@@ -149,6 +150,7 @@ class Mixer(nn.Module):
 
     def branch(self, u, dt, B, C, A, D, z):
         """The gated scan output y * silu(z) and the branch's intermediates."""
+        u, dt, B, C, z = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (u, dt, B, C, z))
         delta = jax.nn.softplus(dt)
         method = self.scan_method
         if method == "auto":
@@ -168,7 +170,7 @@ class Mixer(nn.Module):
     def __call__(self, h):
         cfg = self.config
         E = cfg.d_inner
-        xz = nn.Dense(2 * E, use_bias=False, precision=self.precision, name="in_proj")(h)
+        xz = nn.Dense(2 * E, use_bias=False, precision=self.precision, dtype=self.dtype, name="in_proj")(h)
         x, z = xz[..., :E], xz[..., E:]
         flip = functools.partial(jnp.flip, axis=-2)
 
@@ -186,8 +188,9 @@ class Mixer(nn.Module):
             A_b = -jnp.exp(self.param("A_b_log", _a_log_init, (E, cfg.d_state)))
             out_b, caps["bwd"] = self.branch(flip(u), flip(dt), flip(B), flip(C), A_b, D, flip(z))
             out = out + flip(out_b)  # the official v1 path never divides by 2
-        out = nn.Dense(cfg.embed_dim, use_bias=False, precision=self.precision, name="out_proj")(out)
-        return out, caps
+        out = nn.Dense(cfg.embed_dim, use_bias=False, precision=self.precision, dtype=self.dtype,
+                       name="out_proj")(out)
+        return out.astype(jnp.promote_types(out.dtype, jnp.float32)), caps
 
 
 class Block(nn.Module):
@@ -200,6 +203,7 @@ class Block(nn.Module):
     config: VimConfig
     scan_method: str = "auto"
     precision: Any = None
+    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
     capture: bool = False
 
     @nn.compact
@@ -207,7 +211,7 @@ class Block(nn.Module):
         residual, m = carry
         residual = residual + m + perturb
         h = make_norm(self.config, "norm")(residual)
-        m, caps = Mixer(self.config, self.scan_method, self.precision, name="mixer")(h)
+        m, caps = Mixer(self.config, self.scan_method, self.precision, self.dtype, name="mixer")(h)
         out = {"residual": residual, **caps} if self.capture else None
         return (residual, m), out
 
@@ -215,12 +219,13 @@ class Block(nn.Module):
 class PatchEmbed(nn.Module):
     config: VimConfig
     precision: Any = None
+    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
 
     @nn.compact
     def __call__(self, images):
         cfg = self.config
         x = nn.Conv(cfg.embed_dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.stride, cfg.stride),
-                    padding="VALID", precision=self.precision, name="proj")(images)
+                    padding="VALID", precision=self.precision, dtype=self.dtype, name="proj")(images)
         return x.reshape(x.shape[0], -1, cfg.embed_dim)  # row-major over the grid
 
 
@@ -236,12 +241,13 @@ class VisionMamba(nn.Module):
     config: VimConfig
     scan_method: str = "auto"
     precision: Any = None
+    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
     capture: bool = False
 
     @nn.compact
     def __call__(self, images, perturb=None):
         cfg = self.config
-        x = PatchEmbed(cfg, self.precision, name="patch_embed")(images)
+        x = PatchEmbed(cfg, self.precision, self.dtype, name="patch_embed")(images)
         Bsz, M, Dm = x.shape
 
         def token(name):
@@ -262,10 +268,10 @@ class VisionMamba(nn.Module):
             perturb = jnp.zeros((cfg.depth, 1, 1, 1), tokens.dtype)
         layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=0, out_axes=0, length=cfg.depth)
-        (residual, m), caps = layers(cfg, self.scan_method, self.precision, self.capture,
+        (residual, m), caps = layers(cfg, self.scan_method, self.precision, self.dtype, self.capture,
                                      name="layers")((tokens, jnp.zeros_like(tokens)), perturb)
         final = make_norm(cfg, "norm_f")(residual + m)
-        head = nn.Dense(cfg.num_classes, precision=self.precision, kernel_init=_trunc_normal,
+        head = nn.Dense(cfg.num_classes, precision=self.precision, dtype=self.dtype, kernel_init=_trunc_normal,
                         name="head")
 
         if cfg.cls_token != "none":
@@ -312,18 +318,21 @@ def init_params(config: VimConfig, key: jax.Array) -> Params:
     return jax.jit(model.init)(key, images)["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capture", "scan_method", "precision"))
+@functools.partial(jax.jit, static_argnames=("config", "capture", "scan_method", "precision", "dtype"))
 def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = False, perturb=None,
-              scan_method: str = "auto", precision: str | None = "highest"):
+              scan_method: str = "auto", precision: str | None = "highest", dtype=None):
     """Run the classifier on normalized float32 NHWC ``images``.
 
     Returns ``logits`` [B, num_classes] (per-token [B, L, classes] for final_pool="all"),
     or ``(logits, intermediates)`` when ``capture`` (layout: ``VisionMamba``).
     ``perturb`` [depth, B, L, D] (optional) is added to the residual stream entering every
     block: its gradient at zero is the gradient with respect to that residual stream.
-    ``precision`` is the matmul precision ("highest" = true float32, no TF32).
+    ``precision`` is the matmul precision ("highest" = true float32, no TF32). ``dtype``
+    (e.g. ``jnp.bfloat16``) runs the projections in that dtype; the residual stream, norms and
+    the scan stay float32, and so do the logits.
     """
     images = check_images(config, images)
-    model = VisionMamba(config, scan_method, precision, capture)
+    model = VisionMamba(config, scan_method, precision, dtype, capture)
     logits, inter = model.apply({"params": params}, images, perturb)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     return (logits, inter) if capture else logits

@@ -101,3 +101,23 @@ def test_official_vector_is_truncated_exact_row(model):
     np.testing.assert_allclose(v0[:, :, :pos], ex0[0][:, :, :pos], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(v0[:, :, pos + 1:], ex0[1][:, :, ::-1][:, :, pos + 1:], rtol=1e-5, atol=1e-6)
     assert alpha.shape[-1] == 17
+
+
+def test_map_hidden_attention_consumes_layer_by_layer(model):
+    from xai.hidden_attention import map_hidden_attention
+
+    params, images = model
+    full = np.asarray(hidden_attention(CFG, params, images))  # [B, layers, 2, E, L, L]
+    sums = np.asarray(map_hidden_attention(CFG, params, images, lambda a: a.sum(axis=(2, 3, 4))))
+    np.testing.assert_allclose(sums, full.sum(axis=(3, 4, 5)).transpose(1, 0, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_class_token_rows_and_channel_mean_against_full(model):
+    from xai.hidden_attention import channel_mean_attention, class_token_attention
+
+    params, images = model
+    full = np.asarray(hidden_attention(CFG, params, images, layers=[0, 2]))  # [B, 2, 2, E, L, L]
+    rows = np.asarray(class_token_attention(CFG, params, images, layers=[0, 2]))
+    np.testing.assert_allclose(rows, full[..., CFG.cls_pos, :], rtol=1e-5, atol=1e-7)
+    mean = np.asarray(channel_mean_attention(CFG, params, images, layers=[0, 2]))
+    np.testing.assert_allclose(mean, 0.5 * full.sum(axis=2).mean(axis=2), rtol=1e-5, atol=1e-7)

@@ -17,11 +17,11 @@ image (it changes only mAP) and the reference's pooled average precision.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +42,7 @@ from xai.metrics import (
     perturbation_hits,
     segmentation_stats,
 )
+from xai.plot import atomic_write
 
 TESTS = ("perturbation", "segmentation")
 TARGETS = ("predicted", "label")
@@ -156,6 +157,7 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     total: int | None = None,
+    devices: Sequence | None = None,
 ) -> dict:
     """Runs the perturbation and segmentation tests over ``batches``.
 
@@ -171,6 +173,7 @@ def evaluate(
       baselines: baseline rows, any of "random", "center".
       seed: seed of the random baseline.
       progress: show a tqdm bar over batches; ``total``: the number of batches, for the bar.
+      devices: spread every batch over these devices (``xai.distributed``); None = one device.
 
     Every batch is padded to the size of the first (repeating its last image), so
     the classifier, the methods and the metrics compile once; padded rows are
@@ -199,8 +202,16 @@ def evaluate(
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
     # Params are an argument, not a closure constant: large models then compile quickly.
-    classify = jax.jit(lambda p, x: vim_apply(config, p, x))
-    predict: Callable[[jax.Array], jax.Array] = lambda x: classify(params, x)
+    if devices is not None and len(devices) > 1:
+        from xai.distributed import data_mesh, explain_sharded, predict_sharded
+
+        mesh = data_mesh(devices)
+        predict: Callable[[jax.Array], jax.Array] = lambda x: predict_sharded(config, params, x, mesh)
+        explain_fn = functools.partial(explain_sharded, mesh=mesh)
+    else:
+        classify = jax.jit(lambda p, x: vim_apply(config, p, x))
+        predict = lambda x: classify(params, x)
+        explain_fn = explain
 
     rows = [_Row(m, mode) for m in methods for mode in modes] + [_Row(b, None) for b in baselines]
     size = config.img_size
@@ -247,7 +258,7 @@ def evaluate(
                 else:
                     maps = np.broadcast_to(center_map(config.grid), (pad_to, *config.grid))
             else:
-                maps = explain(config, params, x_norm, row.method, target=jnp.asarray(targets),
+                maps = explain_fn(config, params, x_norm, row.method, target=jnp.asarray(targets),
                                start_layer=start_layer, mode=row.mode)
             if "perturbation" in tests:
                 for acc, positive in ((row.positive, True), (row.negative, False)):
@@ -276,27 +287,6 @@ def evaluate(
 
 # ---------------------------------------------------------------------------
 # Writers.
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """``write(tmp_path)`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _fmt(x: float | None) -> str:
@@ -357,7 +347,7 @@ def markdown_report(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict, path: str | os.PathLike) -> None:
+def plot_curves(results: dict, path) -> None:
     """Positive and negative perturbation curves, one line per row, as a PNG at ``path``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -381,7 +371,7 @@ def plot_curves(results: dict, path: str | os.PathLike) -> None:
         ax.legend(fontsize=7)
     axes[0].set_ylabel("accuracy (%)")
     axes[0].set_ylim(-2, 102)
-    fig.savefig(path, format="png", dpi=110)
+    fig.savefig(path, format="png", dpi=110)  # a path or a binary file
 
 
 def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -389,11 +379,11 @@ def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     out = Path(out_dir)
     text_json = json.dumps(results, indent=2, allow_nan=False)
     paths = {
-        "json": _atomic_write(out / RESULTS_JSON, lambda p: Path(p).write_text(text_json)),
-        "markdown": _atomic_write(out / RESULTS_MD, lambda p: Path(p).write_text(markdown_report(results))),
+        "json": atomic_write(out / RESULTS_JSON, lambda f: f.write(text_json.encode())),
+        "markdown": atomic_write(out / RESULTS_MD, lambda f: f.write(markdown_report(results).encode())),
     }
     if any(row["perturbation"] for row in results["rows"].values()):
-        paths["curves"] = _atomic_write(out / CURVES_PNG, lambda p: plot_curves(results, p))
+        paths["curves"] = atomic_write(out / CURVES_PNG, lambda f: plot_curves(results, f))
     return paths
 
 
@@ -447,6 +437,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="class explained and tested: the predicted top-1 (default) or the label")
     p.add_argument("--out", default="out/evaluate", metavar="DIR", help="output folder (default out/evaluate)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--all-devices", action="store_true",
+                   help="spread each batch over all local devices (data parallel; batch size per step)")
     p.set_defaults(run=run)
     return p
 
@@ -512,7 +504,8 @@ def run(args) -> int:
               f"modes {', '.join(modes)}, start layer {start_layer}", file=sys.stderr)
         results = evaluate(config, params, make_batches(), methods=args.methods, modes=modes,
                            start_layer=start_layer, target=args.target, progress=not args.no_progress,
-                           total=math.ceil(n / args.batch_size))
+                           total=math.ceil(n / args.batch_size),
+                           devices=jax.devices() if args.all_devices else None)
     except (FileNotFoundError, NotADirectoryError, DataError, CheckpointError) as err:
         print(f"mamba-jax evaluate: error: {err}", file=sys.stderr)
         return 2

@@ -70,18 +70,9 @@ def _flip_both(x):
     return jnp.flip(x, axis=(-1, -2))
 
 
-def _select(inter, layers, channels):
-    """Captured branch tensors for the chosen layers (and channels for delta)."""
-    out = {}
-    for name in ("fwd", "bwd"):
-        if name not in inter:
-            continue
-        br = inter[name]
-        delta = br["delta"][layers]
-        if channels is not None:
-            delta = delta[..., channels]
-        out[name] = dict(delta=delta, B=br["B"][layers], C=br["C"][layers])
-    return out
+def layer_slice(inter, l):
+    """One layer's captured branch tensors, ``{"fwd": {...}, "bwd": {...}}`` (``l`` may be traced)."""
+    return {n: {k: v[l] for k, v in inter[n].items()} for n in ("fwd", "bwd") if n in inter}
 
 
 def _as_index(arg, n: int, what: str):
@@ -95,23 +86,39 @@ def _as_index(arg, n: int, what: str):
     return idx % n
 
 
+def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int):
+    """alpha [B, n_branches, n_channels, L, L] of one layer (``layer`` may be traced)."""
+    mixer = params["layers"]["mixer"]
+    branches = []
+    for name, key in (("fwd", "A_log"), ("bwd", "A_b_log")):
+        if name not in inter:
+            continue
+        br = inter[name]
+        A = -jnp.exp(mixer[key][layer][channels])
+        alpha = branch_alpha(br["delta"][layer][..., channels], A, br["B"][layer], br["C"][layer], budget=budget)
+        branches.append(_flip_both(alpha) if name == "bwd" else alpha)
+    return jnp.stack(branches, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "budget"))
 def _hidden_attention(config, params, images, layers, channels, budget):
     _, inter = vim_apply(config, params, images, capture=True)
-    sel = _select(inter, layers, channels)
-    mixer = params["layers"]["mixer"]
-    outs = []
-    for li in range(layers.shape[0]):
-        branches = []
-        for name, key in (("fwd", "A_log"), ("bwd", "A_b_log")):
-            if name not in sel:
-                continue
-            A = -jnp.exp(mixer[key][layers[li]][channels])
-            br = {k: v[li] for k, v in sel[name].items()}
-            alpha = branch_alpha(br["delta"], A, br["B"], br["C"], budget=budget)
-            branches.append(_flip_both(alpha) if name == "bwd" else alpha)
-        outs.append(jnp.stack(branches, axis=1))
-    return jnp.stack(outs, axis=1)
+    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget)
+                      for i in range(layers.shape[0])], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "fn", "budget"))
+def map_hidden_attention(config: VimConfig, params, images, fn, *, budget: int = DEFAULT_BUDGET):
+    """``fn`` applied to every layer's full hidden attention, one layer at a time.
+
+    fn: alpha [B, n_branches, E, L, L] -> any pytree (e.g. a reduction); returns its results
+    stacked over layers. One captured forward pass; the layers run in a ``lax.map``, so only
+    one layer's matrices exist at a time (Vim-T: 2 x 384 x 197 x 197 floats per image).
+    """
+    _, inter = vim_apply(config, params, images, capture=True)
+    channels = jnp.arange(config.d_inner)
+    return jax.lax.map(lambda l: fn(_layer_alpha(config, params, inter, l, channels, budget)),
+                       jnp.arange(config.depth))
 
 
 def hidden_attention(config: VimConfig, params, images, *, layers=None, channels=None,
@@ -199,3 +206,39 @@ def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = 
         xs = xs + _split_channels(b["delta"], A_b, chunk)
     sums, lows, highs = jax.lax.map(stats, xs)
     return sums.sum(0) / E, lows.min(0), highs.max(0)
+
+
+# ------------------------------------------------------------ public reductions
+@functools.partial(jax.jit, static_argnames=("config", "official"))
+def _cls_attention(config, params, images, layers, official):
+    _, inter = vim_apply(config, params, images, capture=True)
+    out = []
+    for i in range(layers.shape[0]):
+        l = layers[i]
+        fwd, bwd = class_token_rows(layer_slice(inter, l), *layer_A(config, params, l), config.cls_pos,
+                                    official=official)
+        out.append(jnp.stack([fwd] if bwd is None else [fwd, bwd], axis=1))
+    return jnp.stack(out, axis=1)
+
+
+def class_token_attention(config: VimConfig, params, images, *, layers=None, official: bool = False):
+    """The class-token rows alone, [B, n_layers, n_branches, E, L], in original positions:
+    ``alpha[..., cls_pos, :]`` of each branch without materializing L x L (O(E L N) per layer).
+    ``official=True`` gives the official code's truncated rows instead (SPEC section 3)."""
+    return _cls_attention(config, params, images, _as_index(layers, config.depth, "layers"), official)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "budget"))
+def _channel_mean(config, params, images, layers, budget):
+    _, inter = vim_apply(config, params, images, capture=True)
+    out = []
+    for i in range(layers.shape[0]):
+        l = layers[i]
+        out.append(channel_reduced_matrix(config, layer_slice(inter, l), *layer_A(config, params, l), budget=budget)[0])
+    return jnp.stack(out, axis=1)
+
+
+def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET):
+    """The channel mean of each layer's combined matrix w (alpha_fwd + alpha_bwd), [B, n_layers, L, L],
+    computed chunk by chunk over channels (w: the mixer's branch weight, 1/2 for official Vim)."""
+    return _channel_mean(config, params, images, _as_index(layers, config.depth, "layers"), budget)

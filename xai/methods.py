@@ -30,6 +30,7 @@ from xai.hidden_attention import (
     channel_reduced_matrix,
     exact_cls_row,
     layer_A,
+    layer_slice,
     official_cls_vector,
 )
 from xai.rollout import rank_one, rollout
@@ -50,10 +51,6 @@ def _minmax(x, axes):
     return (x - lo) / (hi - lo)
 
 
-def _layer_inter(inter, l: int):
-    return {name: {k: v[l] for k, v in inter[name].items()} for name in ("fwd", "bwd") if name in inter}
-
-
 def _resolve_target(target, logits):
     if target is None:
         return jnp.argmax(logits, axis=-1)
@@ -61,7 +58,7 @@ def _resolve_target(target, logits):
     return jnp.broadcast_to(target, logits.shape[:1])
 
 
-def forward_with_gradients(config: VimConfig, params, images, target=None):
+def forward_with_gradients(config: VimConfig, params, images, target=None, *, dtype=None):
     """One forward and backward pass: (logits, intermediates, grads, target).
 
     grads [depth, B, L, D] = d logit_target / d residual_l for every layer l, per image
@@ -72,7 +69,7 @@ def forward_with_gradients(config: VimConfig, params, images, target=None):
     perturb = jnp.zeros((config.depth, B, config.seq_len, config.embed_dim), jnp.float32)
 
     def f(p):
-        logits, inter = vim_apply(config, params, images, capture=True, perturb=p)
+        logits, inter = vim_apply(config, params, images, capture=True, perturb=p, dtype=dtype)
         tgt = jax.lax.stop_gradient(_resolve_target(target, logits))
         return jnp.take_along_axis(logits, tgt[:, None], axis=1).sum(), (logits, inter, tgt)
 
@@ -93,17 +90,17 @@ def _to_grid(config: VimConfig, token_map):
 
 
 def _per_layer(config, params, inter, layers, fn):
-    return jnp.stack([fn(_layer_inter(inter, l), *layer_A(config, params, l)) for l in layers])
+    return jnp.stack([fn(layer_slice(inter, l), *layer_A(config, params, l)) for l in layers])
 
 
-@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget"))
-def _explain(config, params, images, target, *, method, start_layer, mode, budget):
+@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype"))
+def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype):
     pos = config.cls_pos
     layers = range(start_layer, config.depth)
     if method == "mamba_attribution":
-        _, inter, grads, _ = forward_with_gradients(config, params, images, target)
+        _, inter, grads, _ = forward_with_gradients(config, params, images, target, dtype=dtype)
     else:
-        _, inter = vim_apply(config, params, images, capture=True)
+        _, inter = vim_apply(config, params, images, capture=True, dtype=dtype)
         grads = None
 
     if mode == "official":
@@ -138,12 +135,13 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
 
 
 def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
-            mode: str = "exact", budget: int = DEFAULT_BUDGET):
+            mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None):
     """Explanation maps float32 [B, grid_h, grid_w] (class token removed, clamped at 0).
 
     method: "raw_attention", "rollout" or "mamba_attribution"; mode: "exact" or "official".
     target (Mamba-Attribution only): None = each image's top-1 class, an int, or one class
     per image. start_layer: the first layer used (0-based; the official default is 15 of 24).
+    dtype: compute dtype of the model's projections (``jnp.bfloat16`` for the fast path).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -161,4 +159,4 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != len(images)):
             raise ValueError(f"target must be an int or one class per image ({len(images)}), got shape {t.shape}")
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
-                    budget=budget)
+                    budget=budget, dtype=dtype)

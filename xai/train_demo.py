@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -55,9 +56,10 @@ def accuracy(config, params, images, labels, batch=250):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="xai/assets/demo_vim.npz")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=500)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--time-budget", type=float, default=330.0, help="stop training after this many seconds")
@@ -69,10 +71,16 @@ def main(argv=None):
     params = init_params(config, jax.random.PRNGKey(0))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"demo Vim: {n_params / 1e6:.2f}M parameters on {jax.devices()[0].device_kind}", flush=True)
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(500, args.steps // 10), args.steps)
+    # the learning rate follows linear warm-up, then a cosine over the *time* budget (or the
+    # step budget, whichever ends first), so a run cut by the clock still anneals to zero
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, weight_decay=args.weight_decay))
+                            optax.inject_hyperparams(optax.adamw)(learning_rate=0.0,
+                                                                  weight_decay=args.weight_decay))
     opt_state = optimizer.init(params)
+
+    def lr_at(i, elapsed):
+        progress = min(1.0, max(i / args.steps, elapsed / args.time_budget))
+        return args.lr * min(1.0, (i + 1) / args.warmup) * 0.5 * (1.0 + math.cos(math.pi * progress))
     step = make_step(config, optimizer, args.label_smoothing)
     held_images, held_labels, _ = shapes_dataset(args.held_out, seed=HELD_OUT_SEED)
     held_images, held_labels = jnp.asarray(held_images), jnp.asarray(held_labels)
@@ -83,6 +91,7 @@ def main(argv=None):
     done = 0
     for i in range(args.steps):
         images, labels, _ = next(batches)
+        opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr_at(i, time.time() - t0), jnp.float32)
         params, opt_state, loss, acc = step(params, opt_state, images, labels)
         done = i + 1
         if done % 100 == 0:
