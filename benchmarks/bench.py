@@ -93,7 +93,8 @@ def bench_model(name, batches, args, rows):
             continue
         for mode in args.modes:
             for method in METHODS:
-                if mode == "exact" and B > args.max_exact_batch or over_budget(args, f"{method}/{mode} {name} B={B}"):
+                skip_exact = mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models)
+                if skip_exact or over_budget(args, f"{method}/{mode} {name} B={B}"):
                     continue
                 fn = jax.jit(lambda p, x, method=method, mode=mode: explain(
                     config, p, x, method, start_layer=start, mode=mode))
@@ -243,6 +244,7 @@ def main(argv=None):
     p.add_argument("--scans", default="auto", help="comma list of auto, associative, sequential, pallas")
     p.add_argument("--modes", default="official,exact")
     p.add_argument("--max-exact-batch", type=int, default=32)
+    p.add_argument("--exact-models", default="tiny,small,base", help="models whose exact mode is timed")
     p.add_argument("--precision", default="highest")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--skip-explain", action="store_true")
@@ -250,6 +252,7 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 speed and its effect on logits and maps")
     p.add_argument("--torch", action="store_true", help="also time the pure-PyTorch reference")
     p.add_argument("--torch-batches", default="1,32")
+    p.add_argument("--torch-models", default="tiny,small")
     p.add_argument("--out", default="benchmarks/results/latest")
     p.add_argument("--budget", type=float, default=1e9, help="skip what is left after this many seconds")
     p.add_argument("--order", default="models,full-attention,bf16,torch",
@@ -275,7 +278,7 @@ def main(argv=None):
             meta["bf16"] = {}
             bench_bf16(rows, args.reps, meta["bf16"])
         elif section == "torch" and args.torch and not over_budget(args, section):
-            bench_torch(args.models.split(","), [int(b) for b in args.torch_batches.split(",")], rows, reps=2)
+            bench_torch(args.torch_models.split(","), [int(b) for b in args.torch_batches.split(",")], rows, reps=2)
         elif section.startswith("models:"):  # e.g. models:base, to run a model after the other sections
             for name in section.split(":")[1].split("+"):
                 bench_model(name, batches, args, rows)

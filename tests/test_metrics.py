@@ -247,3 +247,23 @@ def test_segmentation_constant_map_and_streaming():
     assert r1.keys() == r2.keys() and r1["num_images"] == 4
     for key in r1:
         assert r1[key] == pytest.approx(r2[key], abs=1e-9), key
+
+
+def test_perturbation_reuses_unperturbed_predictions():
+    import jax.numpy as jnp
+
+    from xai.metrics import perturbation_hits
+
+    calls = []
+
+    def predict(x):
+        calls.append(x.shape[0])
+        return jnp.stack([x[:, 0, 0, 0], -x[:, 0, 0, 0]], axis=-1)  # class 0 while pixel (0,0) is bright
+
+    images = jnp.ones((2, 4, 4, 3))
+    maps = jnp.zeros((2, 2, 2)).at[:, 0, 0].set(1.0)
+    a = perturbation_hits(predict, images, maps, jnp.array([0, 0]))
+    n_full = len(calls)
+    b = perturbation_hits(predict, images, maps, jnp.array([0, 0]), unperturbed=jnp.array([0, 0]))
+    assert len(calls) - n_full == n_full - 1  # one forward pass fewer
+    assert (a == b).all()

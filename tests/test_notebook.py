@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import nbformat
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "vim_xai.ipynb"
@@ -41,14 +40,8 @@ def test_only_library_calls():
                 f"cell {i} defines a function or class: the notebook should only call the library")
 
 
-@pytest.mark.slow
 def test_notebook_runs(tmp_path, monkeypatch):
-    from xai.demo import demo_model
-
-    try:
-        demo_model()
-    except FileNotFoundError as e:
-        pytest.skip(f"the embedded demo weights are missing, so the notebook cannot run: {e}")
+    """Executes the notebook headless on the embedded demo weights (about 30 s on 2 cores)."""
     from nbclient import NotebookClient
 
     # the kernel imports the package from the repository without an install

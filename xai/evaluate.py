@@ -262,7 +262,8 @@ def evaluate(
                                start_layer=start_layer, mode=row.mode)
             if "perturbation" in tests:
                 for acc, positive in ((row.positive, True), (row.negative, False)):
-                    hits = perturbation_hits(predict, x01, maps, jnp.asarray(targets), positive=positive)
+                    hits = perturbation_hits(predict, x01, maps, jnp.asarray(targets), positive=positive,
+                                             unperturbed=preds)
                     acc.update(np.asarray(hits)[:n])
             if masks_p is not None:
                 _add_segmentation(row.segmentation, maps, masks_p, n)

@@ -109,6 +109,7 @@ def perturbation_hits(
     steps: tuple[float, ...] = PERTURBATION_STEPS,
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
+    unperturbed=None,
 ) -> jax.Array:
     """Perturbation test for one batch: bool [B, len(steps)].
 
@@ -118,6 +119,8 @@ def perturbation_hits(
       maps: explanation maps [B, h, w], upsampled bilinearly to H x W.
       targets: class explained per image [B]; None = the unperturbed top-1.
       positive: remove the most relevant pixels first (True) or the least (False).
+      unperturbed: the predicted classes of the intact images, if the caller has them
+        (the step that removes no pixel then needs no forward pass).
 
     At step k, ``int(k * H * W)`` pixels (truncated, k=0 removes none) are set to
     0 in all channels: those of highest upsampled map value (positive) or lowest
@@ -131,8 +134,10 @@ def perturbation_hits(
     ranks = removal_ranks(maps, (int(H), int(W)), positive=positive)
     hits = []
     for count in perturbation_counts(H * W, steps):
-        logits = predict_fn(normalize(perturb(images01, ranks, count), mean, std))
-        pred = jnp.argmax(logits, axis=-1)
+        if count == 0 and unperturbed is not None:
+            pred = jnp.asarray(unperturbed)
+        else:
+            pred = jnp.argmax(predict_fn(normalize(perturb(images01, ranks, count), mean, std)), axis=-1)
         if targets is None:
             targets = pred  # the first step (k = 0 by default) fixes the target
         hits.append(pred == jnp.asarray(targets))

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from mamba_jax import init_params, vim_apply
-from xai.demo import DEMO_CONFIG, flatten
+from xai.demo import DEMO_CONFIG, flatten, unflatten
 from xai.shapes import shapes_batches, shapes_dataset
 
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
@@ -65,10 +65,15 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=330.0, help="stop training after this many seconds")
     p.add_argument("--held-out", type=int, default=2000)
     p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--init", default=None, help="start from these weights (.npz) instead of a random init")
     args = p.parse_args(argv)
 
     config = DEMO_CONFIG
     params = init_params(config, jax.random.PRNGKey(0))
+    if args.init:  # continue from saved weights (a second run with a fresh schedule)
+        with np.load(args.init) as data:
+            params = unflatten(dict(data))
+        print(f"continuing from {args.init}", flush=True)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"demo Vim: {n_params / 1e6:.2f}M parameters on {jax.devices()[0].device_kind}", flush=True)
     # the learning rate follows linear warm-up, then a cosine over the *time* budget (or the
@@ -85,7 +90,7 @@ def main(argv=None):
     held_images, held_labels, _ = shapes_dataset(args.held_out, seed=HELD_OUT_SEED)
     held_images, held_labels = jnp.asarray(held_images), jnp.asarray(held_labels)
 
-    log = dict(config=str(config), steps=[], held_out=[])
+    log = dict(config=str(config), init=args.init, steps=[], held_out=[])
     t0 = time.time()
     batches = shapes_batches(args.batch_size, seed=TRAIN_SEED)
     done = 0
