@@ -75,6 +75,11 @@ def layer_slice(inter, l):
     return {n: {k: v[l] for k, v in inter[n].items()} for n in ("fwd", "bwd") if n in inter}
 
 
+def per_layer(config: VimConfig, params, inter, layers, fn, axis: int = 0):
+    """``fn(layer_slice, A_f, A_b)`` for every layer in ``layers``, stacked along ``axis``."""
+    return jnp.stack([fn(layer_slice(inter, l), *layer_A(config, params, l)) for l in layers], axis=axis)
+
+
 def _as_index(arg, n: int, what: str):
     if arg is None:
         return jnp.arange(n)
@@ -212,13 +217,12 @@ def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = 
 @functools.partial(jax.jit, static_argnames=("config", "official"))
 def _cls_attention(config, params, images, layers, official):
     _, inter = vim_apply(config, params, images, capture=True)
-    out = []
-    for i in range(layers.shape[0]):
-        l = layers[i]
-        fwd, bwd = class_token_rows(layer_slice(inter, l), *layer_A(config, params, l), config.cls_pos,
-                                    official=official)
-        out.append(jnp.stack([fwd] if bwd is None else [fwd, bwd], axis=1))
-    return jnp.stack(out, axis=1)
+
+    def rows(br, A_f, A_b):
+        fwd, bwd = class_token_rows(br, A_f, A_b, config.cls_pos, official=official)
+        return jnp.stack([fwd] if bwd is None else [fwd, bwd], axis=1)
+
+    return per_layer(config, params, inter, layers, rows, axis=1)
 
 
 def class_token_attention(config: VimConfig, params, images, *, layers=None, official: bool = False):
@@ -231,11 +235,8 @@ def class_token_attention(config: VimConfig, params, images, *, layers=None, off
 @functools.partial(jax.jit, static_argnames=("config", "budget"))
 def _channel_mean(config, params, images, layers, budget):
     _, inter = vim_apply(config, params, images, capture=True)
-    out = []
-    for i in range(layers.shape[0]):
-        l = layers[i]
-        out.append(channel_reduced_matrix(config, layer_slice(inter, l), *layer_A(config, params, l), budget=budget)[0])
-    return jnp.stack(out, axis=1)
+    return per_layer(config, params, inter, layers,
+                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, budget=budget)[0], axis=1)
 
 
 def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET):

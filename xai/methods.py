@@ -10,7 +10,9 @@ Two modes (SPEC section 4):
      diagonal, decay stopping one step early) and the rank-one rollout I + 1 a^T;
   "exact" uses the exact hidden attention: the class-token row of the combined matrix
      w (alpha_fwd + alpha_bwd) (diagonal included), and a true L x L rollout over the
-     channel mean of the combined matrices.
+     channel mean of the positive part max(w (alpha_fwd + alpha_bwd), 0) of the combined
+     matrices (deviation from a signed rollout: hidden attention is signed, and with signed
+     matrices the row sums of I + A cross zero, so the row normalization blows up).
 Both work on any batch size, class-token position and grid, under ``jax.jit``.
 Gradients come from zero-valued inputs added to the residual stream (``perturb``) and
 ``jax.vjp``: no hooks, no state.
@@ -29,9 +31,8 @@ from xai.hidden_attention import (
     DEFAULT_BUDGET,
     channel_reduced_matrix,
     exact_cls_row,
-    layer_A,
-    layer_slice,
     official_cls_vector,
+    per_layer,
 )
 from xai.rollout import rank_one, rollout
 
@@ -89,10 +90,6 @@ def _to_grid(config: VimConfig, token_map):
     return jnp.maximum(patches.reshape(-1, *config.grid), 0.0)
 
 
-def _per_layer(config, params, inter, layers, fn):
-    return jnp.stack([fn(layer_slice(inter, l), *layer_A(config, params, l)) for l in layers])
-
-
 @functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype"))
 def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype):
     pos = config.cls_pos
@@ -104,7 +101,7 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
         grads = None
 
     if mode == "official":
-        vec = _per_layer(config, params, inter, layers,
+        vec = per_layer(config, params, inter, layers,
                          lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, pos))  # [n, B, E, L]
         if method == "raw_attention":
             token_map = _minmax(vec, (-2, -1)).mean(-2).mean(0)
@@ -116,19 +113,21 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
             token_map = rollout(rank_one(a * s), pos)
     else:
         if method == "raw_attention":
-            rows = _per_layer(config, params, inter, layers,
+            rows = per_layer(config, params, inter, layers,
                               lambda br, A_f, A_b: exact_cls_row(config, br, A_f, A_b, pos))
             token_map = _minmax(rows, (-2, -1)).mean(-2).mean(0)
         elif method == "rollout":
-            mats = _per_layer(config, params, inter, layers,
-                              lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b,
+            # the positive part: signed matrices make the row sums of I + A cross zero (on the
+            # demo model they span -122 .. 41), which makes the row normalization ill-conditioned
+            mats = per_layer(config, params, inter, layers,
+                              lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True,
                                                                           budget=budget)[0])
             token_map = rollout(mats, pos)
         else:
             def weighted(br, A_f, A_b):
                 mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
                 return (mean - lo[:, None, None]) / (hi - lo)[:, None, None]
-            mats = _per_layer(config, params, inter, layers, weighted)  # [n, B, L, L]
+            mats = per_layer(config, params, inter, layers, weighted)  # [n, B, L, L]
             s = jnp.stack([_grad_relevance(grads[l]) for l in layers])  # [n, B, L]
             token_map = rollout(mats * s[:, :, None, :], pos)
     return _to_grid(config, token_map)
