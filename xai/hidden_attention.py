@@ -8,7 +8,7 @@ upper triangular).
 Memory: one branch-layer of one image is E x L x L floats (Vim-T: 384 x 197 x 197 x 4 B
 = 60 MB), and computing it needs E x L x L x N intermediates; the channel axis is
 processed in chunks sized so that the intermediates of a whole batch stay under
-``budget_bytes`` (default 1 GiB).
+``budget`` bytes (default 1 GiB).
 """
 
 from __future__ import annotations
