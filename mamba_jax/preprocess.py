@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from mamba_jax.config import VimConfig
 
@@ -19,14 +19,18 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _to_pil(image) -> Image.Image:
+def to_pil(image) -> Image.Image:
+    """A path, PIL image or HWC array (uint8, or float in [0, 1]) as an RGB PIL image."""
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     if isinstance(image, (str, os.PathLike)):
         if not os.path.isfile(image):
             raise FileNotFoundError(f"image not found: {image}")
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise OSError(f"cannot read image {image}: {err}") from err
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
@@ -41,18 +45,25 @@ def _to_pil(image) -> Image.Image:
     return Image.fromarray(arr[..., :3])
 
 
+def resized_size(width: int, height: int, size: int = 224) -> tuple[int, int]:
+    """(new_width, new_height): shorter side ``size``, longer ``int(size * long / short)`` (truncated)."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def center_crop_box(height: int, width: int, size: int = 224) -> tuple[int, int]:
+    """Top-left (top, left) of the centre crop, rounded with Python's ``round``."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+
+
 def resize_center_crop(image, size: int = 224) -> Image.Image:
     """Shorter side to ``size`` (PIL bilinear), then the centered ``size`` x ``size`` crop."""
-    im = _to_pil(image)
-    w, h = im.size
-    if w <= h:
-        new_w, new_h = size, int(size * h / w)
-    else:
-        new_w, new_h = int(size * w / h), size
-    if (new_w, new_h) != (w, h):
+    im = to_pil(image)
+    new_w, new_h = resized_size(*im.size, size)
+    if (new_w, new_h) != im.size:
         im = im.resize((new_w, new_h), Image.BILINEAR)
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
+    top, left = center_crop_box(new_h, new_w, size)
     return im.crop((left, top, left + size, top + size))
 
 
@@ -61,9 +72,10 @@ def to_unit(image, size: int = 224) -> np.ndarray:
     return np.asarray(resize_center_crop(image, size), np.float32) / 255.0
 
 
-def normalize(images01):
-    """[0, 1] pixels -> the model's input (ImageNet mean/std), any leading dims, NHWC."""
-    return (images01 - IMAGENET_MEAN) / IMAGENET_STD
+def normalize(images01, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """[0, 1] pixels -> the model's input, (x - mean) / std over the channel axis, any leading
+    dims, NHWC. NumPy in, NumPy out; a JAX array (also a traced one) in, a JAX array out."""
+    return (images01 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def denormalize(images):

@@ -27,71 +27,48 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from mamba_jax.preprocess import (  # noqa: F401  (re-exported: the data tools' one transform)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    center_crop_box,
+    normalize,
+    resized_size,
+    to_pil,
+    to_unit,
+)
+
 # Extensions torchvision's ImageFolder accepts (compared lower-case).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 _WNID = re.compile(r"n\d{8}")
 
 
-def normalize(images01, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """(images - mean) / std over the last (channel) axis; float32 NHWC in, out."""
-    x = jnp.asarray(images01, jnp.float32)
-    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
 # ---------------------------------------------------------------------------
-# The official evaluation transform.
+# The official evaluation transform lives in mamba_jax.preprocess (imported above).
 
 
-def resized_size(width: int, height: int, size: int = 224) -> tuple[int, int]:
-    """(new_width, new_height): shorter side ``size``, longer ``int(size * long / short)``."""
-    if width <= height:
-        return size, int(size * height / width)
-    return int(size * width / height), size
-
-
-def center_crop_box(height: int, width: int, size: int = 224) -> tuple[int, int]:
-    """Top-left (top, left) of the centre crop, rounded with Python's ``round``."""
-    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
-
-
-def _open_rgb(path_or_pil) -> Image.Image:
-    if isinstance(path_or_pil, Image.Image):
-        return path_or_pil.convert("RGB")
-    path = Path(path_or_pil)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-
-
-def _to01(image: Image.Image) -> np.ndarray:
-    return np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255.0)
+def pad_batch(x, size: int):
+    """Pad axis 0 to ``size`` by repeating the last row (NumPy or JAX arrays alike), so that every
+    batch has one shape and compiles once; callers drop the padded rows from their results."""
+    n = x.shape[0]
+    if n == size:
+        return x
+    return x[np.concatenate([np.arange(n), np.full(size - n, n - 1)])]
 
 
 def load_image01(path_or_pil, size: int = 224) -> np.ndarray:
     """The official evaluation transform without normalization: float32 [size, size, 3]."""
-    image = _open_rgb(path_or_pil)
-    new_w, new_h = resized_size(image.width, image.height, size)
-    image = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = center_crop_box(new_h, new_w, size)
-    image = image.crop((left, top, left + size, top + size))
-    return _to01(image)
+    return to_unit(path_or_pil, size)
 
 
 def resize_square01(path_or_pil, size: int = 224) -> np.ndarray:
     """Resize to ``size x size`` with PIL bilinear (no crop), float32 [size, size, 3]."""
-    return _to01(_open_rgb(path_or_pil).resize((size, size), Image.BILINEAR))
+    image = path_or_pil if isinstance(path_or_pil, Image.Image) else to_pil(path_or_pil)
+    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / np.float32(255.0)
 
 
 # ---------------------------------------------------------------------------
