@@ -343,13 +343,15 @@ def _bwd_kernel(*refs, L, E, N, block_e, chunk, n_chunks, has_z, interpret):
 # --------------------------------------------------------------------------
 # pallas_call wrappers.
 # --------------------------------------------------------------------------
+def _dims(args, block_e, chunk):
+    """(B, L, E, N, E-blocks, time chunks) of the scan's arguments (u, dt, A, ...)."""
+    Bsz, L, E = args[0].shape
+    return Bsz, L, E, args[2].shape[1], pl.cdiv(E, block_e), pl.cdiv(L, chunk)
+
+
 def _run_fwd(cfg, args, *, write_y, write_ck):
     block_e, chunk, num_warps, num_stages, interpret, has_z = cfg
-    u, A = args[0], args[2]
-    Bsz, L, E = u.shape
-    N = A.shape[1]
-    nE = pl.cdiv(E, block_e)
-    n_chunks = pl.cdiv(L, chunk)
+    Bsz, L, E, N, nE, n_chunks = _dims(args, block_e, chunk)
     out_shape = []
     if write_y:
         out_shape.append(jax.ShapeDtypeStruct((Bsz, L, E), _F32))
@@ -368,11 +370,7 @@ def _run_fwd(cfg, args, *, write_y, write_ck):
 
 def _run_bwd(cfg, args, dout, ck):
     block_e, chunk, num_warps, num_stages, interpret, has_z = cfg
-    u, A = args[0], args[2]
-    Bsz, L, E = u.shape
-    N = A.shape[1]
-    nE = pl.cdiv(E, block_e)
-    n_chunks = pl.cdiv(L, chunk)
+    Bsz, L, E, N, nE, n_chunks = _dims(args, block_e, chunk)
     sds = lambda *s: jax.ShapeDtypeStruct(s, _F32)
     out_shape = [sds(Bsz, L, E), sds(Bsz, L, E)]
     if has_z:

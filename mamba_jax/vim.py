@@ -31,9 +31,6 @@ from mamba_jax.config import VimConfig
 
 Params = Any
 
-BRANCH_KEYS = ("u", "delta", "B", "C", "z", "y")
-
-
 # ---------------------------------------------------------------- initializers
 def _a_log_init(key, shape, dtype=jnp.float32):
     """Mamba's S4D-real init: A = -(1, 2, ..., N) in every channel."""

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mamba_jax.config import VimConfig
+from xai.data import pad_batch
 from xai.methods import explain
 
 try:  # jax >= 0.7 exposes shard_map at the top level
@@ -45,10 +46,8 @@ def data_mesh(devices=None) -> Mesh:
 
 
 def _pad_to(x, n: int):
-    extra = (-x.shape[0]) % n
-    if not extra:
-        return x
-    return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)], axis=0)
+    """Pad axis 0 to a multiple of ``n`` (the device count)."""
+    return pad_batch(x, -(-x.shape[0] // n) * n)
 
 
 @functools.lru_cache(maxsize=32)

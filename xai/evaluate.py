@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from mamba_jax.config import VimConfig
 from mamba_jax.vim import vim_apply
-from xai.data import normalize
+from xai.data import normalize, pad_batch
 from xai.methods import METHODS, MODES, default_start_layer, explain
 from xai.metrics import (
     PERTURBATION_STEPS,
@@ -85,14 +85,6 @@ def center_map(grid: tuple[int, int], sigma: float = CENTER_SIGMA) -> np.ndarray
 
 # ---------------------------------------------------------------------------
 # The evaluation loop.
-
-
-def _pad(x: np.ndarray, size: int) -> np.ndarray:
-    """Pads axis 0 to ``size`` by repeating the last row (realistic inputs, dropped afterwards)."""
-    n = x.shape[0]
-    if n == size:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], size - n, axis=0)])
 
 
 def _add_segmentation(acc: SegmentationAccumulator, maps, masks, n: int) -> None:
@@ -186,18 +178,11 @@ def evaluate(
     "auc"}} or None, "segmentation": {pixel_accuracy, iou_background,
     iou_foreground, miou, map, num_images} or None}``.
     """
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise ValueError(f"unknown mode(s) {sorted(unknown)}; expected some of {MODES}")
-    unknown = set(tests) - set(TESTS)
-    if unknown:
-        raise ValueError(f"unknown test(s) {sorted(unknown)}; expected some of {TESTS}")
-    unknown = set(baselines) - set(BASELINES)
-    if unknown:
-        raise ValueError(f"unknown baseline(s) {sorted(unknown)}; expected some of {BASELINES}")
+    for what, given, known in (("method", methods, METHODS), ("mode", modes, MODES), ("test", tests, TESTS),
+                               ("baseline", baselines, BASELINES)):
+        unknown = set(given) - set(known)
+        if unknown:
+            raise ValueError(f"unknown {what}(s) {sorted(unknown)}; expected some of {known}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
@@ -235,19 +220,19 @@ def evaluate(
                             + ("none" if labels is None else "unknown labels (-1)"))
         pad_to = max(pad_to, n)
 
-        x01 = _pad(images01, pad_to)
+        x01 = pad_batch(images01, pad_to)
         preds = np.asarray(jnp.argmax(predict(normalize(x01)), axis=-1))
         if labels is not None:
             known = labels >= 0
             n_labeled += int(known.sum())
             n_correct += int((preds[:n] == labels)[known].sum())
-        targets = preds if target == "predicted" else _pad(labels, pad_to)
+        targets = preds if target == "predicted" else pad_batch(labels, pad_to)
         masks_p = None
         if masks is not None and "segmentation" in tests:
             masks = np.asarray(masks, bool)
             if masks.shape != images01.shape[:3]:
                 raise DataError(f"masks of shape {masks.shape} do not match images of shape {images01.shape}")
-            masks_p = _pad(masks, pad_to)
+            masks_p = pad_batch(masks, pad_to)
             n_masks += n
 
         x_norm = normalize(x01)

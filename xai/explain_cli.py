@@ -28,6 +28,7 @@ from tqdm import tqdm
 from mamba_jax import preprocess, to_unit, vim_apply
 from mamba_jax.config import VimConfig
 from xai import plot
+from xai.data import pad_batch
 from xai.hidden_attention import hidden_attention
 from xai.labels import class_names
 from xai.methods import METHODS, MODES, default_start_layer, explain
@@ -144,13 +145,6 @@ def top_k(probs: np.ndarray, names, k: int = TOP_K) -> dict:
             "probabilities": [float(probs[i]) for i in idx]}
 
 
-def _pad(batch: np.ndarray, size: int) -> np.ndarray:
-    """Repeat the last image up to ``size`` (keeps every batch the same shape: one compilation)."""
-    if len(batch) == size:
-        return batch
-    return np.concatenate([batch, np.repeat(batch[-1:], size - len(batch), axis=0)])
-
-
 def print_summary(rows: list[dict]) -> None:
     width = max(len("image"), *(len(r["image"]) for r in rows))
     cls_width = max(len("top-1"), *(len(r["top5"]["classes"][0]) for r in rows))
@@ -198,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
                 x01 = [to_unit(f, config.img_size) for f in chunk]
             except Exception as e:
                 raise ExplainError(f"cannot read image in {', '.join(map(str, chunk))}: {e}") from None
-            x = jnp.asarray(_pad(x, bs))
+            x = jnp.asarray(pad_batch(x, bs))
             probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x), axis=-1))[: len(chunk)]
             maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
                                                   mode=mode))[: len(chunk)]

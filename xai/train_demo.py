@@ -11,6 +11,7 @@ JSON log next to them.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -45,8 +46,14 @@ def make_step(config, optimizer, label_smoothing):
     return step
 
 
+@functools.cache
+def _predictor(config):
+    """One compiled classifier per config (accuracy() runs at every evaluation)."""
+    return jax.jit(lambda p, x: vim_apply(config, p, x, precision=None).argmax(-1))
+
+
 def accuracy(config, params, images, labels, batch=250):
-    predict = jax.jit(lambda p, x: vim_apply(config, p, x, precision=None).argmax(-1))
+    predict = _predictor(config)
     hits = 0
     for i in range(0, len(images), batch):
         hits += int((predict(params, images[i:i + batch]) == labels[i:i + batch]).sum())
