@@ -92,20 +92,21 @@ def bench_model(name, batches, args, rows):
         if args.skip_explain:
             continue
         for mode in args.modes:
-            for method in METHODS:
-                skip_exact = mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models)
-                if skip_exact or over_budget(args, f"{method}/{mode} {name} B={B}"):
-                    continue
-                fn = jax.jit(lambda p, x, method=method, mode=mode: explain(
-                    config, p, x, method, start_layer=start, mode=mode))
-                try:
-                    t = timeit(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
-                    row = dict(model=name, batch=B, work=f"{method}/{mode}", scan="auto", seconds=t,
-                               img_per_s=B / t, peak_gib=_gib(peak_bytes(fn, params, images)))
-                    rows.append(row)
-                    log(_fmt(row))
-                except Exception as e:
-                    log(f"{method}/{mode} {name} B={B}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            for method in args.methods:
+                for scan in args.scans:
+                    skip_exact = mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models)
+                    if skip_exact or over_budget(args, f"{method}/{mode} {name} B={B} {scan}"):
+                        continue
+                    fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan: explain(
+                        config, p, x, method, start_layer=start, mode=mode, scan_method=scan))
+                    try:
+                        t = timeit(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
+                        row = dict(model=name, batch=B, work=f"{method}/{mode}", scan=scan, seconds=t,
+                                   img_per_s=B / t, peak_gib=_gib(peak_bytes(fn, params, images)))
+                        rows.append(row)
+                        log(_fmt(row))
+                    except Exception as e:
+                        log(f"{method}/{mode} {name} B={B} {scan}: FAILED {type(e).__name__}: {str(e)[:300]}")
 
 
 def bench_full_attention(rows, reps):
@@ -243,6 +244,7 @@ def main(argv=None):
     p.add_argument("--batches", default="1,32,128")
     p.add_argument("--scans", default="auto", help="comma list of auto, associative, sequential, pallas")
     p.add_argument("--modes", default="official,exact")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--max-exact-batch", type=int, default=32)
     p.add_argument("--exact-models", default="tiny,small,base", help="models whose exact mode is timed")
     p.add_argument("--precision", default="highest")
@@ -260,6 +262,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.scans = args.scans.split(",")
     args.modes = args.modes.split(",")
+    args.methods = args.methods.split(",")
     if args.precision == "default":
         args.precision = None
     batches = [int(b) for b in args.batches.split(",")]

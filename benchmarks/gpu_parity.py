@@ -1,5 +1,6 @@
 """Parity on the GPU: the JAX model and methods (fused Pallas scan for batches >= 8, the
-associative scan below) against the pure-PyTorch reference (float32 on the CPU).
+associative scan below) against the pure-PyTorch reference (float32, TF32 off, on the GPU
+when torch sees one, else on the CPU).
 
     python benchmarks/gpu_parity.py --out benchmarks/results/h200/parity.json
 """
@@ -30,15 +31,19 @@ def main(argv=None):
     p.add_argument("--models", default="vim_tiny,vim_small")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    report = {"device": jax.devices()[0].device_kind}
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    report = {"device": jax.devices()[0].device_kind, "reference_device": dev}
     for name in args.models.split(","):
         config = official(name)
         ref = VimReference(config).eval()
         _, params = load_checkpoint(ref.state_dict(), variant=config)
+        ref = ref.to(dev)
         x = np.random.default_rng(0).normal(size=(args.batch, 224, 224, 3)).astype(np.float32)
-        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+        xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(dev)
         with torch.no_grad():
-            ref_logits = ref(xt).numpy()
+            ref_logits = ref(xt).cpu().numpy()
         r = {}
         for scan in ("pallas", "associative"):
             logits = np.asarray(vim_apply(config, params, x, scan_method=scan))
@@ -46,7 +51,7 @@ def main(argv=None):
         for method, fn in (("raw_attention", raw_attention), ("rollout", attention_rollout),
                            ("mamba_attribution", mamba_attribution)):
             ours = np.asarray(explain(config, params, x[:2], method, mode="official"))
-            theirs = fn(ref, xt[:2], start_layer=15).detach().numpy()
+            theirs = fn(ref, xt[:2], start_layer=15).detach().cpu().numpy()
             r[f"{method}_official_map_max_abs"] = float(np.abs(ours - theirs).max())
             ours8 = np.asarray(explain(config, params, x, method, mode="official"))  # batch 8: Pallas path
             r[f"{method}_official_map_max_abs_batch{args.batch}_vs_batch2"] = float(np.abs(ours8[:2] - ours).max())

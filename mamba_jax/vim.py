@@ -3,7 +3,8 @@
 The modules only own parameters; the mathematics lives in ``ssm.py``. Parameter
 names follow the official state dict (``patch_embed.proj``, ``layers.i.norm``,
 ``layers.i.mixer.in_proj`` ...); the blocks are stacked along a leading ``depth``
-axis under ``params["layers"]`` and run with ``nn.scan`` (one compiled layer body).
+axis under ``params["layers"]`` and run with ``jax.lax.scan`` (one compiled layer body;
+two scans when the first layers are run uncaptured, see ``capture_from``).
 
 Code name -> paper / official name:
     residual  the residual stream entering a block's norm (``residual`` in the
@@ -191,7 +192,7 @@ class Mixer(nn.Module):
 
 
 class Block(nn.Module):
-    """One residual block with fused add + norm, as a ``nn.scan`` body over layers.
+    """One residual block with fused add + norm, the ``lax.scan`` body over layers.
 
     carry = (residual_{l-1}, m_{l-1}); residual_l = residual_{l-1} + m_{l-1} + perturb_l.
     ``perturb_l`` is zero in a plain forward pass; its gradient is d out / d residual_l.
@@ -229,10 +230,13 @@ class PatchEmbed(nn.Module):
 class VisionMamba(nn.Module):
     """The Vim classifier: NHWC images -> (logits, intermediates).
 
-    ``intermediates`` is empty unless ``capture``; then it holds, stacked over layers:
-    ``residual`` [depth, B, L, D], and per branch ``fwd`` / ``bwd`` the scan inputs
-    ``u, delta, z, y`` [depth, B, L, E] and ``B, C`` [depth, B, L, N]; plus ``tokens``
-    [B, L, D] (embedded input) and ``final`` [B, L, D] (after ``norm_f``).
+    ``intermediates`` is empty unless ``capture``; then it holds, stacked over the layers
+    ``capture_from .. depth - 1`` (n of them): ``residual`` [n, B, L, D], and per branch
+    ``fwd`` / ``bwd`` the scan inputs ``u, delta, z, y`` [n, B, L, E] and ``B, C``
+    [n, B, L, N]; plus ``tokens`` [B, L, D] (embedded input) and ``final`` [B, L, D]
+    (after ``norm_f``). ``perturb`` [n, B, L, D] is added to those layers' residual streams.
+    The layers before ``capture_from`` run as a separate scan whose output does not depend
+    on ``perturb``: a gradient with respect to ``perturb`` does not pass back through them.
     """
 
     config: VimConfig
@@ -240,6 +244,7 @@ class VisionMamba(nn.Module):
     precision: Any = None
     dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
     capture: bool = False
+    capture_from: int = 0  # the first layer captured and perturbed
 
     @nn.compact
     def __call__(self, images, perturb=None):
@@ -261,12 +266,29 @@ class VisionMamba(nn.Module):
         # residual_in_fp32: the residual stream is at least float32 (float64 stays float64)
         tokens = x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-        if perturb is None:
-            perturb = jnp.zeros((cfg.depth, 1, 1, 1), tokens.dtype)
-        layers = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=0, out_axes=0, length=cfg.depth)
-        (residual, m), caps = layers(cfg, self.scan_method, self.precision, self.dtype, self.capture,
-                                     name="layers")((tokens, jnp.zeros_like(tokens)), perturb)
+        block = functools.partial(Block, cfg, self.scan_method, self.precision, self.dtype, parent=None)
+        carry = (tokens, jnp.zeros_like(tokens))
+        no_perturb = jnp.zeros((1, 1, 1), tokens.dtype)
+
+        def init_layers(key):  # depth independent initializations, stacked along axis 0
+            one = lambda k: block().init(k, carry, no_perturb)["params"]  # noqa: E731
+            return jax.vmap(one)(jax.random.split(key, cfg.depth))
+
+        stacked = self.param("layers", init_layers)
+
+        def run(first, last, carry, perturb, capture):
+            """Layers first .. last - 1 as one lax.scan (one compiled block body)."""
+            n = last - first
+            if perturb is None:
+                perturb = jnp.zeros((n, 1, 1, 1), tokens.dtype)
+            segment = jax.tree.map(lambda a: a[first:last], stacked)
+            body = lambda c, xs: block(capture=capture).apply({"params": xs[0]}, c, xs[1])  # noqa: E731
+            return jax.lax.scan(body, carry, (segment, perturb))
+
+        k = self.capture_from
+        if k:  # layers before k: no capture, no perturbation, so no gradient flows through them
+            carry, _ = run(0, k, carry, None, False)
+        (residual, m), caps = run(k, cfg.depth, carry, perturb, self.capture)
         final = make_norm(cfg, "norm_f")(residual + m)
         head = nn.Dense(cfg.num_classes, precision=self.precision, dtype=self.dtype, kernel_init=_trunc_normal,
                         name="head")
@@ -315,21 +337,32 @@ def init_params(config: VimConfig, key: jax.Array) -> Params:
     return jax.jit(model.init)(key, images)["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capture", "scan_method", "precision", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "capture", "capture_from", "scan_method", "precision",
+                                             "dtype"))
 def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = False, perturb=None,
-              scan_method: str = "auto", precision: str | None = "highest", dtype=None):
+              capture_from: int = 0, scan_method: str = "auto", precision: str | None = "highest", dtype=None):
     """Run the classifier on normalized float32 NHWC ``images``.
 
     Returns ``logits`` [B, num_classes] (per-token [B, L, classes] for final_pool="all"),
     or ``(logits, intermediates)`` when ``capture`` (layout: ``VisionMamba``).
-    ``perturb`` [depth, B, L, D] (optional) is added to the residual stream entering every
-    block: its gradient at zero is the gradient with respect to that residual stream.
+    ``perturb`` [depth - capture_from, B, L, D] (optional) is added to the residual stream
+    entering each block from ``capture_from`` on: its gradient at zero is the gradient with
+    respect to those residual streams. ``capture_from`` (default 0): layers before it are
+    neither captured nor perturbed, which saves their memory and, under ``jax.grad`` with
+    respect to ``perturb``, their backward pass.
     ``precision`` is the matmul precision ("highest" = true float32, no TF32). ``dtype``
     (e.g. ``jnp.bfloat16``) runs the projections in that dtype; the residual stream, norms and
     the scan stay float32, and so do the logits.
     """
     images = check_images(config, images)
-    model = VisionMamba(config, scan_method, precision, dtype, capture)
+    if not 0 <= capture_from < config.depth:
+        raise ValueError(f"capture_from {capture_from} is outside the model's {config.depth} layers")
+    if perturb is not None:
+        want = (config.depth - capture_from, images.shape[0], config.seq_len, config.embed_dim)
+        if tuple(perturb.shape) != want:
+            raise ValueError(f"perturb must have shape {want} (layers {capture_from}..{config.depth - 1}, "
+                             f"batch, tokens, embed_dim), got {tuple(perturb.shape)}")
+    model = VisionMamba(config, scan_method, precision, dtype, capture, capture_from)
     logits, inter = model.apply({"params": params}, images, perturb)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     return (logits, inter) if capture else logits

@@ -75,9 +75,12 @@ def layer_slice(inter, l):
     return {n: {k: v[l] for k, v in inter[n].items()} for n in ("fwd", "bwd") if n in inter}
 
 
-def per_layer(config: VimConfig, params, inter, layers, fn, axis: int = 0):
-    """``fn(layer_slice, A_f, A_b)`` for every layer in ``layers``, stacked along ``axis``."""
-    return jnp.stack([fn(layer_slice(inter, l), *layer_A(config, params, l)) for l in layers], axis=axis)
+def per_layer(config: VimConfig, params, inter, layers, fn, axis: int = 0, first: int = 0):
+    """``fn(layer_slice, A_f, A_b)`` for every layer in ``layers``, stacked along ``axis``.
+
+    ``first``: the model layer of ``inter``'s index 0 (``vim_apply(..., capture_from=first)``).
+    """
+    return jnp.stack([fn(layer_slice(inter, l - first), *layer_A(config, params, l)) for l in layers], axis=axis)
 
 
 def _as_index(arg, n: int, what: str):

@@ -32,7 +32,7 @@ from xai.hidden_attention import (
     channel_reduced_matrix,
     exact_cls_row,
     official_cls_vector,
-    per_layer,
+    per_layer as _per_layer,
 )
 from xai.rollout import rank_one, rollout
 
@@ -59,18 +59,22 @@ def _resolve_target(target, logits):
     return jnp.broadcast_to(target, logits.shape[:1])
 
 
-def forward_with_gradients(config: VimConfig, params, images, target=None, *, dtype=None):
+def forward_with_gradients(config: VimConfig, params, images, target=None, *, first_layer: int = 0, dtype=None,
+                           scan_method: str = "auto"):
     """One forward and backward pass: (logits, intermediates, grads, target).
 
-    grads [depth, B, L, D] = d logit_target / d residual_l for every layer l, per image
-    (the images of a batch do not interact, so the gradient of the summed target logits
-    is each image's own gradient).
+    grads [depth - first_layer, B, L, D]: row i is d logit_target / d residual_l for layer
+    l = first_layer + i, per image (the images of a batch do not interact, so the gradient of
+    the summed target logits is each image's own gradient). Intermediates are captured for
+    the same layers. The backward pass stops at ``first_layer``: the layers before it are
+    run once, forward only.
     """
     B = images.shape[0]
-    perturb = jnp.zeros((config.depth, B, config.seq_len, config.embed_dim), jnp.float32)
+    perturb = jnp.zeros((config.depth - first_layer, B, config.seq_len, config.embed_dim), jnp.float32)
 
     def f(p):
-        logits, inter = vim_apply(config, params, images, capture=True, perturb=p, dtype=dtype)
+        logits, inter = vim_apply(config, params, images, capture=True, perturb=p, capture_from=first_layer,
+                                  dtype=dtype, scan_method=scan_method)
         tgt = jax.lax.stop_gradient(_resolve_target(target, logits))
         return jnp.take_along_axis(logits, tgt[:, None], axis=1).sum(), (logits, inter, tgt)
 
@@ -79,7 +83,7 @@ def forward_with_gradients(config: VimConfig, params, images, target=None, *, dt
 
 
 def _grad_relevance(grads_l):
-    """s_l [B, L]: max over features of the positive gradient, min-max normalized over tokens."""
+    """s [..., L]: max over features of the positive gradient, min-max normalized over tokens."""
     s = jnp.maximum(grads_l, 0.0).max(-1)
     return _minmax(s, (-1,))
 
@@ -90,15 +94,20 @@ def _to_grid(config: VimConfig, token_map):
     return jnp.maximum(patches.reshape(-1, *config.grid), 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype"))
-def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype):
+@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype",
+                                             "scan_method"))
+def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype, scan_method):
     pos = config.cls_pos
     layers = range(start_layer, config.depth)
+    # only the layers from start_layer on are captured (and, for the gradient, back-propagated)
     if method == "mamba_attribution":
-        _, inter, grads, _ = forward_with_gradients(config, params, images, target, dtype=dtype)
+        _, inter, grads, _ = forward_with_gradients(config, params, images, target, first_layer=start_layer,
+                                                    dtype=dtype, scan_method=scan_method)
     else:
-        _, inter = vim_apply(config, params, images, capture=True, dtype=dtype)
+        _, inter = vim_apply(config, params, images, capture=True, capture_from=start_layer, dtype=dtype,
+                             scan_method=scan_method)
         grads = None
+    per_layer = functools.partial(_per_layer, first=start_layer)
 
     if mode == "official":
         vec = per_layer(config, params, inter, layers,
@@ -109,7 +118,7 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
             token_map = rollout(rank_one(vec.mean(-2)), pos)
         else:
             a = _minmax(jnp.maximum(vec, 0.0), (-2, -1)).mean(-2)  # [n, B, L]
-            s = jnp.stack([_grad_relevance(grads[l]) for l in layers])
+            s = _grad_relevance(grads)  # [n, B, L]
             token_map = rollout(rank_one(a * s), pos)
     else:
         if method == "raw_attention":
@@ -128,19 +137,20 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
                 mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
                 return (mean - lo[:, None, None]) / (hi - lo)[:, None, None]
             mats = per_layer(config, params, inter, layers, weighted)  # [n, B, L, L]
-            s = jnp.stack([_grad_relevance(grads[l]) for l in layers])  # [n, B, L]
+            s = _grad_relevance(grads)  # [n, B, L]
             token_map = rollout(mats * s[:, :, None, :], pos)
     return _to_grid(config, token_map)
 
 
 def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
-            mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None):
+            mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None, scan_method: str = "auto"):
     """Explanation maps float32 [B, grid_h, grid_w] (class token removed, clamped at 0).
 
     method: "raw_attention", "rollout" or "mamba_attribution"; mode: "exact" or "official".
     target (Mamba-Attribution only): None = each image's top-1 class, an int, or one class
     per image. start_layer: the first layer used (0-based; the official default is 15 of 24).
     dtype: compute dtype of the model's projections (``jnp.bfloat16`` for the fast path).
+    scan_method: the selective scan ("auto", "pallas", "associative", "sequential"; see vim_apply).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -158,4 +168,4 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != len(images)):
             raise ValueError(f"target must be an int or one class per image ({len(images)}), got shape {t.shape}")
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
-                    budget=budget, dtype=dtype)
+                    budget=budget, dtype=dtype, scan_method=scan_method)
