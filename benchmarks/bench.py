@@ -1,7 +1,9 @@
 """Benchmarks of the Flax Vim and the explanation methods (run on the GPU for the README table).
 
-    python benchmarks/bench.py --out benchmarks/results/h200        # everything, ~6 min on an H200
-    python benchmarks/bench.py --models tiny --batches 1,8 --quick   # a smoke run on a CPU
+    python benchmarks/bench.py --out benchmarks/results/latest     # everything (over 10 min on an H200,
+                                                                   # mostly compiling; see --budget)
+    python benchmarks/bench.py --models tiny --batches 1 --modes official --reps 1   # a CPU smoke run
+    python benchmarks/bench.py --merge run1,run2 --out merged     # one table from several runs
 
 Measures, per model (Vim-T/S/B, random weights, float32, matmul precision "highest"
 unless --precision default) and batch size: forward throughput, explanation throughput
@@ -9,7 +11,8 @@ of each method (official and exact modes), single-image latency, the compiled pe
 memory (XLA's memory analysis: arguments + outputs + temporaries), the full hidden
 attention of every layer of one Vim-T image consumed chunk by chunk, and, with --torch,
 the pure-PyTorch reference on the same device. Every timing is the median of --reps runs
-after warm-up, each ended with block_until_ready. Writes results.json and results.md.
+(explanations: half as many, at least 3) after warm-up, each ended with block_until_ready;
+--remat-batches adds Mamba-Attribution with remat=True at those batches. Writes results.json and results.md.
 """
 
 from __future__ import annotations
@@ -93,20 +96,24 @@ def bench_model(name, batches, args, rows):
             continue
         for mode in args.modes:
             for method in args.methods:
-                for scan in args.scans:
+                remats = (False, True) if method == "mamba_attribution" and B in args.remat_batches else (False,)
+                for scan, remat in ((s, r) for s in args.scans for r in remats):
                     skip_exact = mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models)
                     if skip_exact or over_budget(args, f"{method}/{mode} {name} B={B} {scan}"):
                         continue
-                    fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan: explain(
-                        config, p, x, method, start_layer=start, mode=mode, scan_method=scan))
+                    fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan, remat=remat: explain(
+                        config, p, x, method, start_layer=start, mode=mode, scan_method=scan, remat=remat))
                     try:
                         t = timeit(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
-                        row = dict(model=name, batch=B, work=f"{method}/{mode}", scan=scan, seconds=t,
+                        work = f"{method}/{mode}" + (" remat" if remat else "")
+                        row = dict(model=name, batch=B, work=work, scan=scan, seconds=t,
                                    img_per_s=B / t, peak_gib=_gib(peak_bytes(fn, params, images)))
                         rows.append(row)
                         log(_fmt(row))
                     except Exception as e:
                         log(f"{method}/{mode} {name} B={B} {scan}: FAILED {type(e).__name__}: {str(e)[:300]}")
+        if args.out:  # results so far, in case a later section is cut
+            write(rows, Path(args.out), args.meta)
 
 
 def bench_full_attention(rows, reps):
@@ -155,8 +162,8 @@ def bench_bf16(rows, reps, report):
     l16 = vim_apply(config, params, x, dtype=jnp.bfloat16)
     report["bf16_logits_max_abs_diff_rel_to_max"] = float(jnp.abs(l32 - l16).max() / jnp.abs(l32).max())
     report["bf16_top1_agreement"] = float((l32.argmax(-1) == l16.argmax(-1)).mean())
-    for method in METHODS:
-        for mode in ("official", "exact"):
+    for method in METHODS:  # official mode only here (exact: benchmarks/bf16_effect.py, on the CPU)
+        for mode in ("official",):
             a = explain(config, params, x, method, mode=mode)
             b = explain(config, params, x, method, mode=mode, dtype=jnp.bfloat16)
             report[f"bf16_{method}_{mode}_map_max_abs_diff_rel_to_max"] = float(jnp.abs(a - b).max() / jnp.abs(a).max())
@@ -227,7 +234,7 @@ def write(rows, out: Path, meta):
     tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     os.replace(tmp, out / "results.json")
     lines = [f"Device: {meta['device']}; jax {meta['jax']}; precision {meta['precision']}; "
-             f"median of {meta['reps']} runs after warm-up.", "",
+             f"medians after warm-up of {meta['reps']} runs (explanations: half as many, at least 3).", "",
              "| model | batch | work | path | ms | img/s | peak GiB |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         mem = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
@@ -236,6 +243,15 @@ def write(rows, out: Path, meta):
     tmp = out / ".results.md.tmp"
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, out / "results.md")
+
+
+def merge(folders, out: Path):
+    """One table from several runs (e.g. two device calls): rows in order, metadata per run."""
+    runs = [json.loads((d / "results.json").read_text()) for d in folders]
+    meta = dict(runs[0]["meta"], runs=[r["meta"] for r in runs])
+    meta["reps"] = "/".join(str(r["meta"]["reps"]) for r in runs)
+    write([row for r in runs for row in r["rows"]], out, meta)
+    log(f"merged {len(folders)} runs into {out}/results.json and results.md")
 
 
 def main(argv=None):
@@ -255,7 +271,9 @@ def main(argv=None):
     p.add_argument("--torch", action="store_true", help="also time the pure-PyTorch reference")
     p.add_argument("--torch-batches", default="1,32")
     p.add_argument("--torch-models", default="tiny,small")
+    p.add_argument("--remat-batches", default="128", help="batches whose attribution is also timed with remat")
     p.add_argument("--out", default="benchmarks/results/latest")
+    p.add_argument("--merge", default=None, help="comma list of result folders to merge into --out (no run)")
     p.add_argument("--budget", type=float, default=1e9, help="skip what is left after this many seconds")
     p.add_argument("--order", default="models,full-attention,bf16,torch",
                    help="order of the sections (the budget cuts the last ones)")
@@ -263,11 +281,16 @@ def main(argv=None):
     args.scans = args.scans.split(",")
     args.modes = args.modes.split(",")
     args.methods = args.methods.split(",")
+    args.remat_batches = [int(b) for b in args.remat_batches.split(",") if b]
+    if args.merge:
+        merge([Path(d) for d in args.merge.split(",")], Path(args.out))
+        return
     if args.precision == "default":
         args.precision = None
     batches = [int(b) for b in args.batches.split(",")]
     meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, precision=str(args.precision),
                 reps=args.reps, argv=sys.argv[1:])
+    args.meta = meta
     log(f"# {meta}")
     rows: list[dict] = []
     for section in args.order.split(","):

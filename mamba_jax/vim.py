@@ -245,6 +245,7 @@ class VisionMamba(nn.Module):
     dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
     capture: bool = False
     capture_from: int = 0  # the first layer captured and perturbed
+    remat: bool = False  # recompute each captured layer's internals in the backward pass
 
     @nn.compact
     def __call__(self, images, perturb=None):
@@ -276,19 +277,21 @@ class VisionMamba(nn.Module):
 
         stacked = self.param("layers", init_layers)
 
-        def run(first, last, carry, perturb, capture):
+        def run(first, last, carry, perturb, capture, remat=False):
             """Layers first .. last - 1 as one lax.scan (one compiled block body)."""
             n = last - first
             if perturb is None:
                 perturb = jnp.zeros((n, 1, 1, 1), tokens.dtype)
             segment = jax.tree.map(lambda a: a[first:last], stacked)
             body = lambda c, xs: block(capture=capture).apply({"params": xs[0]}, c, xs[1])  # noqa: E731
+            if remat:  # keep only each layer's input carry (and its captures) for the backward
+                body = jax.checkpoint(body)
             return jax.lax.scan(body, carry, (segment, perturb))
 
         k = self.capture_from
         if k:  # layers before k: no capture, no perturbation, so no gradient flows through them
             carry, _ = run(0, k, carry, None, False)
-        (residual, m), caps = run(k, cfg.depth, carry, perturb, self.capture)
+        (residual, m), caps = run(k, cfg.depth, carry, perturb, self.capture, self.remat)
         final = make_norm(cfg, "norm_f")(residual + m)
         head = nn.Dense(cfg.num_classes, precision=self.precision, dtype=self.dtype, kernel_init=_trunc_normal,
                         name="head")
@@ -337,10 +340,11 @@ def init_params(config: VimConfig, key: jax.Array) -> Params:
     return jax.jit(model.init)(key, images)["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capture", "capture_from", "scan_method", "precision",
-                                             "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "capture", "capture_from", "remat", "scan_method",
+                                             "precision", "dtype"))
 def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = False, perturb=None,
-              capture_from: int = 0, scan_method: str = "auto", precision: str | None = "highest", dtype=None):
+              capture_from: int = 0, remat: bool = False, scan_method: str = "auto",
+              precision: str | None = "highest", dtype=None):
     """Run the classifier on normalized float32 NHWC ``images``.
 
     Returns ``logits`` [B, num_classes] (per-token [B, L, classes] for final_pool="all"),
@@ -349,7 +353,9 @@ def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = Fals
     entering each block from ``capture_from`` on: its gradient at zero is the gradient with
     respect to those residual streams. ``capture_from`` (default 0): layers before it are
     neither captured nor perturbed, which saves their memory and, under ``jax.grad`` with
-    respect to ``perturb``, their backward pass.
+    respect to ``perturb``, their backward pass. ``remat``: under a gradient, recompute each
+    layer from ``capture_from`` on in the backward pass instead of keeping its internals
+    (``jax.checkpoint``; less memory, one more forward pass of those layers).
     ``precision`` is the matmul precision ("highest" = true float32, no TF32). ``dtype``
     (e.g. ``jnp.bfloat16``) runs the projections in that dtype; the residual stream, norms and
     the scan stay float32, and so do the logits.
@@ -362,7 +368,7 @@ def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = Fals
         if tuple(perturb.shape) != want:
             raise ValueError(f"perturb must have shape {want} (layers {capture_from}..{config.depth - 1}, "
                              f"batch, tokens, embed_dim), got {tuple(perturb.shape)}")
-    model = VisionMamba(config, scan_method, precision, dtype, capture, capture_from)
+    model = VisionMamba(config, scan_method, precision, dtype, capture, capture_from, remat)
     logits, inter = model.apply({"params": params}, images, perturb)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     return (logits, inter) if capture else logits

@@ -92,6 +92,12 @@ def test_gradients_from_a_later_layer_equal_the_full_backward(model):
         np.testing.assert_allclose(grads_k, grads[k:], rtol=0, atol=1e-6 * float(jnp.abs(grads).max()))
         np.testing.assert_allclose(inter_k["residual"], inter["residual"][k:], rtol=0, atol=1e-6)
         np.testing.assert_allclose(inter_k["bwd"]["delta"], inter["bwd"]["delta"][k:], rtol=0, atol=1e-6)
+    # rematerialized backward: the same numbers, recomputed
+    _, _, grads_r, _ = forward_with_gradients(CFG, params, images, first_layer=1, remat=True)
+    np.testing.assert_allclose(grads_r, grads[1:], rtol=0, atol=1e-6 * float(jnp.abs(grads).max()))
+    a = explain(CFG, params, images, "mamba_attribution", start_layer=1, mode="official")
+    b = explain(CFG, params, images, "mamba_attribution", start_layer=1, mode="official", remat=True)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
 def test_capture_from_arguments_are_checked(model):

@@ -32,7 +32,7 @@ from xai.hidden_attention import (
     channel_reduced_matrix,
     exact_cls_row,
     official_cls_vector,
-    per_layer as _per_layer,
+    per_layer,
 )
 from xai.rollout import rank_one, rollout
 
@@ -60,21 +60,22 @@ def _resolve_target(target, logits):
 
 
 def forward_with_gradients(config: VimConfig, params, images, target=None, *, first_layer: int = 0, dtype=None,
-                           scan_method: str = "auto"):
+                           scan_method: str = "auto", remat: bool = False):
     """One forward and backward pass: (logits, intermediates, grads, target).
 
     grads [depth - first_layer, B, L, D]: row i is d logit_target / d residual_l for layer
     l = first_layer + i, per image (the images of a batch do not interact, so the gradient of
     the summed target logits is each image's own gradient). Intermediates are captured for
     the same layers. The backward pass stops at ``first_layer``: the layers before it are
-    run once, forward only.
+    run once, forward only. ``remat``: recompute the layers' internals in the backward pass
+    (``jax.checkpoint``) instead of keeping them.
     """
     B = images.shape[0]
     perturb = jnp.zeros((config.depth - first_layer, B, config.seq_len, config.embed_dim), jnp.float32)
 
     def f(p):
         logits, inter = vim_apply(config, params, images, capture=True, perturb=p, capture_from=first_layer,
-                                  dtype=dtype, scan_method=scan_method)
+                                  remat=remat, dtype=dtype, scan_method=scan_method)
         tgt = jax.lax.stop_gradient(_resolve_target(target, logits))
         return jnp.take_along_axis(logits, tgt[:, None], axis=1).sum(), (logits, inter, tgt)
 
@@ -95,23 +96,23 @@ def _to_grid(config: VimConfig, token_map):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype",
-                                             "scan_method"))
-def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype, scan_method):
+                                             "scan_method", "remat"))
+def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype, scan_method, remat):
     pos = config.cls_pos
     layers = range(start_layer, config.depth)
     # only the layers from start_layer on are captured (and, for the gradient, back-propagated)
     if method == "mamba_attribution":
         _, inter, grads, _ = forward_with_gradients(config, params, images, target, first_layer=start_layer,
-                                                    dtype=dtype, scan_method=scan_method)
+                                                    dtype=dtype, scan_method=scan_method, remat=remat)
     else:
         _, inter = vim_apply(config, params, images, capture=True, capture_from=start_layer, dtype=dtype,
                              scan_method=scan_method)
         grads = None
-    per_layer = functools.partial(_per_layer, first=start_layer)
+    stack = functools.partial(per_layer, first=start_layer)  # fn over layers, stacked
 
     if mode == "official":
-        vec = per_layer(config, params, inter, layers,
-                         lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, pos))  # [n, B, E, L]
+        vec = stack(config, params, inter, layers,
+                     lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, pos))  # [n, B, E, L]
         if method == "raw_attention":
             token_map = _minmax(vec, (-2, -1)).mean(-2).mean(0)
         elif method == "rollout":
@@ -122,28 +123,29 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
             token_map = rollout(rank_one(a * s), pos)
     else:
         if method == "raw_attention":
-            rows = per_layer(config, params, inter, layers,
-                              lambda br, A_f, A_b: exact_cls_row(config, br, A_f, A_b, pos))
+            rows = stack(config, params, inter, layers,
+                         lambda br, A_f, A_b: exact_cls_row(config, br, A_f, A_b, pos))
             token_map = _minmax(rows, (-2, -1)).mean(-2).mean(0)
         elif method == "rollout":
             # the positive part: signed matrices make the row sums of I + A cross zero (on the
             # demo model they span -122 .. 41), which makes the row normalization ill-conditioned
-            mats = per_layer(config, params, inter, layers,
-                              lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True,
-                                                                          budget=budget)[0])
+            mats = stack(config, params, inter, layers,
+                         lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True,
+                                                                     budget=budget)[0])
             token_map = rollout(mats, pos)
         else:
             def weighted(br, A_f, A_b):
                 mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
                 return (mean - lo[:, None, None]) / (hi - lo)[:, None, None]
-            mats = per_layer(config, params, inter, layers, weighted)  # [n, B, L, L]
+            mats = stack(config, params, inter, layers, weighted)  # [n, B, L, L]
             s = _grad_relevance(grads)  # [n, B, L]
             token_map = rollout(mats * s[:, :, None, :], pos)
     return _to_grid(config, token_map)
 
 
 def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
-            mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None, scan_method: str = "auto"):
+            mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None, scan_method: str = "auto",
+            remat: bool = False):
     """Explanation maps float32 [B, grid_h, grid_w] (class token removed, clamped at 0).
 
     method: "raw_attention", "rollout" or "mamba_attribution"; mode: "exact" or "official".
@@ -151,6 +153,8 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
     per image. start_layer: the first layer used (0-based; the official default is 15 of 24).
     dtype: compute dtype of the model's projections (``jnp.bfloat16`` for the fast path).
     scan_method: the selective scan ("auto", "pallas", "associative", "sequential"; see vim_apply).
+    remat (Mamba-Attribution only): recompute each layer in the backward pass instead of keeping
+    its internals: bounds the memory of large batches for one more forward pass of the layers.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
@@ -168,4 +172,5 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != len(images)):
             raise ValueError(f"target must be an int or one class per image ({len(images)}), got shape {t.shape}")
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
-                    budget=budget, dtype=dtype, scan_method=scan_method)
+                    budget=budget, dtype=dtype, scan_method=scan_method,
+                    remat=bool(remat) and method == "mamba_attribution")
