@@ -91,6 +91,21 @@ def test_single_mode_and_method_subset(setup, tmp_path, capsys):
     assert "img1.jpg" in printed and "top-1" in printed
 
 
+def test_remat_and_bf16_flags(setup, tmp_path):
+    """--remat recomputes the same maps; --bf16 moves them only a little (against the float32 run)."""
+    f = setup["files"][1]
+    for flag, tol in (("--remat", 1e-5), ("--bf16", 0.05)):
+        out = tmp_path / flag.strip("-")
+        rc = main(["explain", str(f), "--checkpoint", str(setup["ckpt"]), "--methods", "mamba_attribution",
+                   "--mode", "official", "--start-layer", "1", flag, "--out", str(out)])
+        assert rc == 0
+        got = np.load(out / f"{f.stem}_mamba_attribution_official.npy")
+        ref = np.load(setup["out"] / f"{f.stem}_mamba_attribution_official.npy")
+        worst = assert_close(got, ref, rtol_of_max=tol, name=f"{flag} map")
+        if flag == "--bf16":
+            assert worst > 1e-6 * float(np.abs(ref).max()), "--bf16 changed nothing: is it passed on?"
+
+
 def _fails(argv) -> str:
     with pytest.raises(SystemExit) as e:
         main(["explain", *argv])

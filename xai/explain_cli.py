@@ -70,6 +70,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="class explained by Mamba-Attribution (default: each image's top-1)")
     p.add_argument("--attention-layer", type=int, default=None, metavar="N",
                    help="also plot the hidden attention matrices of layer N (first image, channels 0..3)")
+    p.add_argument("--remat", action="store_true",
+                   help="Mamba-Attribution: recompute layers in the backward pass (less memory for large batches)")
+    p.add_argument("--bf16", action="store_true",
+                   help="bfloat16 projections (scan and residual stream stay float32; maps move by ~1%%)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
     p.set_defaults(run=run)
     return p
@@ -183,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = class_names(config)
     bs = min(args.batch_size, len(files))  # no batch larger than the images need
+    dtype = jnp.bfloat16 if args.bf16 else None
     rows: list[dict] = []
     with tqdm(total=len(files), desc="explain", unit="image") as bar:
         for b0 in range(0, len(files), bs):
@@ -193,9 +198,9 @@ def run(args: argparse.Namespace) -> int:
             except Exception as e:
                 raise ExplainError(f"cannot read image in {', '.join(map(str, chunk))}: {e}") from None
             x = jnp.asarray(pad_batch(x, bs))
-            probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x), axis=-1))[: len(chunk)]
+            probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x, dtype=dtype), axis=-1))[: len(chunk)]
             maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
-                                                  mode=mode))[: len(chunk)]
+                                                  mode=mode, remat=args.remat, dtype=dtype))[: len(chunk)]
                     for mode in modes for m in methods}
             for i, f in enumerate(chunk):
                 for (mode, m), arr in maps.items():
