@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from mamba_jax.config import VimConfig
 from xai.data import pad_batch
-from xai.methods import explain
+from xai.methods import check_arguments, explain
 
 try:  # jax >= 0.7 exposes shard_map at the top level
     from jax import shard_map as _shard_map
@@ -51,41 +51,46 @@ def _pad_to(x, n: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_fn(config, method, start_layer, mode, mesh, with_target):
+def _sharded_fn(config, method, start_layer, mode, mesh, with_target, options):
     def per_device(params, images, target):
         return explain(config, params, images, method, target=target if with_target else None,
-                       start_layer=start_layer, mode=mode)
+                       start_layer=start_layer, mode=mode, **dict(options))
 
     fn = _smap(per_device, mesh, (P(), P("data"), P("data")), P("data"))
     return jax.jit(fn)
 
 
 def explain_sharded(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
-                    mode: str = "exact", mesh: Mesh | None = None):
+                    mode: str = "exact", mesh: Mesh | None = None, **options):
     """``xai.explain`` with the batch split over the devices of ``mesh`` (default: all local ones).
 
     The batch is padded to a multiple of the device count (the padding is dropped from the
     result). Returns maps [B, grid_h, grid_w], equal to ``explain`` on one device.
+    ``options``: explain's keyword options (``remat``, ``dtype``, ``scan_method``, ``budget``).
     """
     mesh = mesh if mesh is not None else data_mesh()
     n = mesh.size
     B = images.shape[0]
-    explain(config, params, images[:1], method, start_layer=start_layer, mode=mode)  # validates arguments
+    target = check_arguments(config, method, mode, start_layer, target, B)
     x = _pad_to(jnp.asarray(images), n)
     t = jnp.zeros((B,), jnp.int32) if target is None else jnp.broadcast_to(jnp.asarray(target, jnp.int32), (B,))
     t = _pad_to(t, n)
     x = jax.device_put(x, NamedSharding(mesh, P("data")))
     t = jax.device_put(t, NamedSharding(mesh, P("data")))
-    fn = _sharded_fn(config, method, start_layer, mode, mesh, target is not None)
+    fn = _sharded_fn(config, method, start_layer, mode, mesh, target is not None, tuple(sorted(options.items())))
     return fn(params, x, t)[:B]
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_predict(config, mesh):
+    from mamba_jax.vim import vim_apply
+
+    return jax.jit(_smap(lambda p, x: vim_apply(config, p, x), mesh, (P(), P("data")), P("data")))
 
 
 def predict_sharded(config: VimConfig, params, images, mesh: Mesh | None = None):
     """Logits of a batch split over the devices of ``mesh`` (for the perturbation tests)."""
-    from mamba_jax.vim import vim_apply
-
     mesh = mesh if mesh is not None else data_mesh()
     B = images.shape[0]
     x = jax.device_put(_pad_to(jnp.asarray(images), mesh.size), NamedSharding(mesh, P("data")))
-    fn = _smap(lambda p, x: vim_apply(config, p, x), mesh, (P(), P("data")), P("data"))
-    return jax.jit(fn)(params, x)[:B]
+    return _sharded_predict(config, mesh)(params, x)[:B]

@@ -143,6 +143,27 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
     return _to_grid(config, token_map)
 
 
+def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int, target, n_images: int):
+    """Raise a ValueError naming the problem with ``explain``'s arguments; return the target
+    to use (None for the methods that do not depend on the class)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    if config.cls_token in ("none", "double"):
+        raise ValueError(f"the explanation methods follow one class token; this model has cls_token="
+                         f"{config.cls_token!r}")
+    if not 0 <= start_layer < config.depth:
+        raise ValueError(f"start_layer {start_layer} is outside the model's {config.depth} layers")
+    if target is not None and method != "mamba_attribution":
+        return None  # only the gradient method depends on the class
+    if target is not None:
+        t = jnp.asarray(target)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != n_images):
+            raise ValueError(f"target must be an int or one class per image ({n_images}), got shape {t.shape}")
+    return target
+
+
 def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
             mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None, scan_method: str = "auto",
             remat: bool = False):
@@ -156,21 +177,7 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
     remat (Mamba-Attribution only): recompute each layer in the backward pass instead of keeping
     its internals: bounds the memory of large batches for one more forward pass of the layers.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    if config.cls_token in ("none", "double"):
-        raise ValueError(f"the explanation methods follow one class token; this model has cls_token="
-                         f"{config.cls_token!r}")
-    if not 0 <= start_layer < config.depth:
-        raise ValueError(f"start_layer {start_layer} is outside the model's {config.depth} layers")
-    if target is not None and method != "mamba_attribution":
-        target = None  # only the gradient method depends on the class
-    if target is not None:
-        t = jnp.asarray(target)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != len(images)):
-            raise ValueError(f"target must be an int or one class per image ({len(images)}), got shape {t.shape}")
+    target = check_arguments(config, method, mode, start_layer, target, len(images))
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
                     budget=budget, dtype=dtype, scan_method=scan_method,
                     remat=bool(remat) and method == "mamba_attribution")
