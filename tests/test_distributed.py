@@ -1,5 +1,7 @@
 """Data-parallel explanation on several (forced) CPU devices equals the single-device result."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,6 +32,9 @@ SCRIPT = textwrap.dedent("""
     assert float(np.abs(np.asarray(t) - np.asarray(u)).max()) <= 1e-6
     two = data_mesh(jax.devices()[:2])
     assert np.allclose(predict_sharded(cfg, params, x, two), vim_apply(cfg, params, x), atol=1e-6)
+    from xai.distributed import _sharded_predict
+    predict_sharded(cfg, params, x, two)  # the compiled program is reused, not rebuilt per call
+    assert _sharded_predict.cache_info().hits >= 1, _sharded_predict.cache_info()
     from xai.evaluate import evaluate
     from xai.shapes import shapes_dataset01
     cfg2 = VimConfig(embed_dim=16, depth=2, img_size=224, patch_size=16, stride=16, num_classes=10)
@@ -47,3 +52,22 @@ def test_sharded_equals_single_device():
     out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "OK 4" in out.stdout
+
+
+def test_scaling_benchmark_runs_on_forced_devices(tmp_path):
+    """benchmarks/scaling.py on 2 forced CPU devices: both device counts, consistent figures."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    cmd = [sys.executable, "benchmarks/scaling.py", "--model", "demo", "--per-device", "1", "--methods", "rollout",
+           "--reps", "1", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "scaling.json").read_text())
+    assert report["meta"]["n_devices"] == 2
+    rows = report["rows"]
+    assert [(r["devices"], r["batch"], r["work"]) for r in rows] == [
+        (1, 1, "forward"), (1, 1, "rollout/official"), (2, 2, "forward"), (2, 2, "rollout/official")]
+    for r in rows:
+        assert abs(r["img_per_s"] - r["batch"] / r["seconds"]) < 1e-6 * r["img_per_s"]
+        single = next(s for s in rows if s["devices"] == 1 and s["work"] == r["work"])
+        assert abs(r["efficiency"] - r["img_per_s"] / (r["devices"] * single["img_per_s"])) < 1e-9
+    assert "| 2 | 2 | rollout/official |" in (tmp_path / "scaling.md").read_text()
