@@ -289,7 +289,7 @@ class VisionMamba(nn.Module):
             return jax.lax.scan(body, carry, (segment, perturb))
 
         k = self.capture_from
-        if k:  # layers before k: no capture, no perturbation, so no gradient flows through them
+        if k:  # layers before k: no capture and no perturbation (a gradient wrt perturb stops at k)
             carry, _ = run(0, k, carry, None, False)
         (residual, m), caps = run(k, cfg.depth, carry, perturb, self.capture, self.remat)
         final = make_norm(cfg, "norm_f")(residual + m)

@@ -94,24 +94,31 @@ def _as_index(arg, n: int, what: str):
     return idx % n
 
 
-def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int):
-    """alpha [B, n_branches, n_channels, L, L] of one layer (``layer`` may be traced)."""
+def _first(idx) -> int:
+    """The lowest layer index, when it is known outside a trace (else 0): captures start there."""
+    return 0 if isinstance(idx, jax.core.Tracer) else int(jax.device_get(idx).min())
+
+
+def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int, first: int = 0):
+    """alpha [B, n_branches, n_channels, L, L] of one layer (``layer`` may be traced; ``inter``
+    captured from layer ``first`` on)."""
     mixer = params["layers"]["mixer"]
     branches = []
+    i = layer - first
     for name, key in (("fwd", "A_log"), ("bwd", "A_b_log")):
         if name not in inter:
             continue
         br = inter[name]
         A = -jnp.exp(mixer[key][layer][channels])
-        alpha = branch_alpha(br["delta"][layer][..., channels], A, br["B"][layer], br["C"][layer], budget=budget)
+        alpha = branch_alpha(br["delta"][i][..., channels], A, br["B"][i], br["C"][i], budget=budget)
         branches.append(_flip_both(alpha) if name == "bwd" else alpha)
     return jnp.stack(branches, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "budget"))
-def _hidden_attention(config, params, images, layers, channels, budget):
-    _, inter = vim_apply(config, params, images, capture=True)
-    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget)
+@functools.partial(jax.jit, static_argnames=("config", "budget", "first"))
+def _hidden_attention(config, params, images, layers, channels, budget, first):
+    _, inter = vim_apply(config, params, images, capture=True, capture_from=first)
+    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget, first)
                       for i in range(layers.shape[0])], axis=1)
 
 
@@ -141,7 +148,7 @@ def hidden_attention(config: VimConfig, params, images, *, layers=None, channels
     """
     layers = _as_index(layers, config.depth, "layers")
     channels = _as_index(channels, config.d_inner, "channels")
-    return _hidden_attention(config, params, images, layers, channels, budget)
+    return _hidden_attention(config, params, images, layers, channels, budget, _first(layers))
 
 
 # -------------------------------------------------------- reduced quantities
@@ -217,32 +224,35 @@ def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = 
 
 
 # ------------------------------------------------------------ public reductions
-@functools.partial(jax.jit, static_argnames=("config", "official"))
-def _cls_attention(config, params, images, layers, official):
-    _, inter = vim_apply(config, params, images, capture=True)
+@functools.partial(jax.jit, static_argnames=("config", "official", "first"))
+def _cls_attention(config, params, images, layers, official, first):
+    _, inter = vim_apply(config, params, images, capture=True, capture_from=first)
 
     def rows(br, A_f, A_b):
         fwd, bwd = class_token_rows(br, A_f, A_b, config.cls_pos, official=official)
         return jnp.stack([fwd] if bwd is None else [fwd, bwd], axis=1)
 
-    return per_layer(config, params, inter, layers, rows, axis=1)
+    return per_layer(config, params, inter, layers, rows, axis=1, first=first)
 
 
 def class_token_attention(config: VimConfig, params, images, *, layers=None, official: bool = False):
     """The class-token rows alone, [B, n_layers, n_branches, E, L], in original positions:
     ``alpha[..., cls_pos, :]`` of each branch without materializing L x L (O(E L N) per layer).
     ``official=True`` gives the official code's truncated rows instead (SPEC section 3)."""
-    return _cls_attention(config, params, images, _as_index(layers, config.depth, "layers"), official)
+    layers = _as_index(layers, config.depth, "layers")
+    return _cls_attention(config, params, images, layers, official, _first(layers))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "budget"))
-def _channel_mean(config, params, images, layers, budget):
-    _, inter = vim_apply(config, params, images, capture=True)
+@functools.partial(jax.jit, static_argnames=("config", "budget", "first"))
+def _channel_mean(config, params, images, layers, budget, first):
+    _, inter = vim_apply(config, params, images, capture=True, capture_from=first)
     return per_layer(config, params, inter, layers,
-                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, budget=budget)[0], axis=1)
+                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, budget=budget)[0], axis=1,
+                     first=first)
 
 
 def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET):
     """The channel mean of each layer's combined matrix w (alpha_fwd + alpha_bwd), [B, n_layers, L, L],
     computed chunk by chunk over channels (w: the mixer's branch weight, 1/2 for official Vim)."""
-    return _channel_mean(config, params, images, _as_index(layers, config.depth, "layers"), budget)
+    layers = _as_index(layers, config.depth, "layers")
+    return _channel_mean(config, params, images, layers, budget, _first(layers))
