@@ -102,15 +102,10 @@ def _first(idx) -> int:
 def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int, first: int = 0):
     """alpha [B, n_branches, n_channels, L, L] of one layer (``layer`` may be traced; ``inter``
     captured from layer ``first`` on)."""
-    mixer = params["layers"]["mixer"]
+    A = dict(zip(("fwd", "bwd"), layer_A(config, params, layer)))
     branches = []
-    i = layer - first
-    for name, key in (("fwd", "A_log"), ("bwd", "A_b_log")):
-        if name not in inter:
-            continue
-        br = inter[name]
-        A = -jnp.exp(mixer[key][layer][channels])
-        alpha = branch_alpha(br["delta"][i][..., channels], A, br["B"][i], br["C"][i], budget=budget)
+    for name, br in layer_slice(inter, layer - first).items():
+        alpha = branch_alpha(br["delta"][..., channels], A[name][channels], br["B"], br["C"], budget=budget)
         branches.append(_flip_both(alpha) if name == "bwd" else alpha)
     return jnp.stack(branches, axis=1)
 
