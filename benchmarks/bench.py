@@ -95,11 +95,12 @@ def bench_model(name, batches, args, rows):
         if args.skip_explain:
             continue
         for mode in args.modes:
+            if mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models):
+                continue
             for method in args.methods:
                 remats = (False, True) if method == "mamba_attribution" and B in args.remat_batches else (False,)
                 for scan, remat in ((s, r) for s in args.scans for r in remats):
-                    skip_exact = mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models)
-                    if skip_exact or over_budget(args, f"{method}/{mode} {name} B={B} {scan}"):
+                    if over_budget(args, f"{method}/{mode} {name} B={B} {scan}"):
                         continue
                     fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan, remat=remat: explain(
                         config, p, x, method, start_layer=start, mode=mode, scan_method=scan, remat=remat))
@@ -112,8 +113,7 @@ def bench_model(name, batches, args, rows):
                         log(_fmt(row))
                     except Exception as e:
                         log(f"{method}/{mode} {name} B={B} {scan}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        if args.out:  # results so far, in case a later section is cut
-            write(rows, Path(args.out), args.meta)
+        write(rows, Path(args.out), args.meta)  # results so far, in case a later section is cut
 
 
 def bench_full_attention(rows, reps):
@@ -297,7 +297,6 @@ def main(argv=None):
         if section == "models":
             for name in args.models.split(","):
                 bench_model(name, batches, args, rows)
-                write(rows, Path(args.out), meta)
         elif section == "full-attention" and args.full_attention and not over_budget(args, section):
             bench_full_attention(rows, max(3, args.reps // 2))
         elif section == "bf16" and args.bf16 and not over_budget(args, section):
