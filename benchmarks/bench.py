@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 from mamba_jax import init_params, official, vim_apply  # noqa: E402
 from xai.hidden_attention import map_hidden_attention  # noqa: E402
 from xai.methods import METHODS, explain  # noqa: E402
+from xai.plot import atomic_write  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
 
@@ -229,10 +229,8 @@ def _fmt(r):
 
 
 def write(rows, out: Path, meta):
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    os.replace(tmp, out / "results.json")
+    text = json.dumps(dict(meta=meta, rows=rows), indent=1)
+    atomic_write(out / "results.json", lambda f: f.write(text.encode()))
     lines = [f"Device: {meta['device']}; jax {meta['jax']}; precision {meta['precision']}; "
              f"medians after warm-up of {meta['reps']} runs (explanations: half as many, at least 3).", "",
              "| model | batch | work | path | ms | img/s | peak GiB |", "|---|---|---|---|---|---|---|"]
@@ -240,9 +238,8 @@ def write(rows, out: Path, meta):
         mem = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['work']} | {r['scan']} | {r['seconds'] * 1e3:.2f} | "
                      f"{r['img_per_s']:.1f} | {mem} |")
-    tmp = out / ".results.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, out / "results.md")
+    table = "\n".join(lines) + "\n"
+    atomic_write(out / "results.md", lambda f: f.write(table.encode()))
 
 
 def merge(folders, out: Path):

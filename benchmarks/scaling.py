@@ -16,20 +16,19 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+from bench import timeit  # noqa: E402  (this folder)
 
 from mamba_jax import init_params, official  # noqa: E402
 from xai.demo import DEMO_CONFIG  # noqa: E402
 from xai.distributed import data_mesh, explain_sharded, predict_sharded  # noqa: E402
 from xai.methods import METHODS, default_start_layer  # noqa: E402
+from xai.plot import atomic_write  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
 
@@ -41,16 +40,6 @@ def device_counts(total: int) -> list[int]:
         counts.append(n)
         n *= 2
     return counts + [total]
-
-
-def median_seconds(fn, reps: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def run(args) -> dict:
@@ -68,7 +57,7 @@ def run(args) -> dict:
             works[f"{method}/{args.mode}"] = functools.partial(
                 explain_sharded, config, params, images, method, start_layer=start, mode=args.mode, mesh=mesh)
         for work, fn in works.items():
-            t = median_seconds(fn, args.reps)
+            t = timeit(fn, reps=args.reps, warmup=1)
             rows.append(dict(devices=n, batch=B, work=work, seconds=t, img_per_s=B / t))
             print(f"{n:3d} devices  batch {B:5d}  {work:<28} {t * 1e3:9.2f} ms {B / t:10.1f} img/s", flush=True)
     single = {r["work"]: r["img_per_s"] for r in rows if r["devices"] == 1}
@@ -87,9 +76,7 @@ def write(report: dict, out: Path) -> None:
     lines += [f"| {r['devices']} | {r['batch']} | {r['work']} | {r['seconds'] * 1e3:.2f} | {r['img_per_s']:.1f} | "
               f"{r['efficiency']:.2f} |" for r in report["rows"]]
     for name, text in (("scaling.json", json.dumps(report, indent=1)), ("scaling.md", "\n".join(lines) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+        atomic_write(out / name, lambda f, text=text: f.write(text.encode()))
 
 
 def main(argv=None):
