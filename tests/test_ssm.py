@@ -105,3 +105,20 @@ def test_class_token_row_official_brute_force(x64):
                 want[d, j] += C[pos, n] * prod * delta[j, d] * B[j, n]
     got = np.asarray(ssm.class_token_row(delta, A, B, C, pos, official=True))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_class_token_row_float32_long_sequence(official):
+    """float32 at L = 197 against a float64 NumPy oracle (suffix sums by np.cumsum), to 1e-5 of the
+    row's maximum: the triangular-matrix suffix sum must keep full float32 precision."""
+    _, delta, A, B, C, _ = random_inputs(np.random.default_rng(5), 197, E=8, N=16)
+    pos = 98
+    last = pos if official else pos + 1
+    d = np.where((np.arange(197) < last)[:, None], delta, 0.0)
+    seg = np.cumsum(d[::-1], axis=0)[::-1] - d  # exclusive suffix sums, float64
+    want = np.einsum("n,jen,jn->ej", C[pos], np.exp(seg[:, :, None] * A[None]), B) * delta.T
+    want[:, pos if official else pos + 1:] = 0.0
+    f32 = [jnp.asarray(a, jnp.float32) for a in (delta, A, B, C)]
+    got = np.asarray(jax.jit(ssm.class_token_row, static_argnames=("pos", "official"))(*f32, pos=pos,
+                                                                                      official=official))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
