@@ -8,7 +8,7 @@
 Measures, per model (Vim-T/S/B, random weights, float32, matmul precision "highest"
 unless --precision default) and batch size: forward throughput, explanation throughput
 of each method (official and exact modes), single-image latency, the compiled peak
-memory (XLA's memory analysis: arguments + outputs + temporaries), the full hidden
+memory (XLA's memory analysis: arguments + outputs + temporaries), the compile time, the full hidden
 attention of every layer of one Vim-T image consumed chunk by chunk, and, with --torch,
 the pure-PyTorch reference on the same device. Every timing is the median of --reps runs
 (explanations: half as many, at least 3) after warm-up, each ended with block_until_ready;
@@ -53,6 +53,14 @@ def timeit(fn, *args, reps=10, warmup=2):
     return statistics.median(times)
 
 
+def compile_seconds(fn, *args):
+    """Seconds to trace, lower and compile ``fn`` (a jitted function) for ``args``; its later
+    calls with arguments of the same shapes reuse this executable."""
+    t = time.perf_counter()
+    fn.lower(*args).compile()
+    return time.perf_counter() - t
+
+
 def peak_bytes(fn, *args):
     """XLA's static memory analysis of the compiled function: args + outputs + temporaries.
     A function that is already jitted is lowered as it is, so the executable compiled for the
@@ -88,9 +96,10 @@ def bench_model(name, batches, args, rows):
             fwd = jax.jit(lambda p, x, scan=scan: vim_apply(config, p, x, scan_method=scan,
                                                              precision=args.precision))
             try:
+                tc = compile_seconds(fwd, params, images)
                 t = timeit(fwd, params, images, reps=args.reps)
                 row = dict(model=name, batch=B, work="forward", scan=scan, seconds=t, img_per_s=B / t,
-                           peak_gib=_gib(peak_bytes(fwd, params, images)))
+                           peak_gib=_gib(peak_bytes(fwd, params, images)), compile_s=tc)
                 rows.append(row)
                 log(_fmt(row))
             except Exception as e:
@@ -108,10 +117,11 @@ def bench_model(name, batches, args, rows):
                     fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan, remat=remat: explain(
                         config, p, x, method, start_layer=start, mode=mode, scan_method=scan, remat=remat))
                     try:
+                        tc = compile_seconds(fn, params, images)
                         t = timeit(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
                         work = f"{method}/{mode}" + (" remat" if remat else "")
-                        row = dict(model=name, batch=B, work=work, scan=scan, seconds=t,
-                                   img_per_s=B / t, peak_gib=_gib(peak_bytes(fn, params, images)))
+                        row = dict(model=name, batch=B, work=work, scan=scan, seconds=t, img_per_s=B / t,
+                                   peak_gib=_gib(peak_bytes(fn, params, images)), compile_s=tc)
                         rows.append(row)
                         log(_fmt(row))
                     except Exception as e:
@@ -227,20 +237,24 @@ def _gib(b):
 
 def _fmt(r):
     mem = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-"
+    comp = f"  compiled in {r['compile_s']:.1f} s" if r.get("compile_s") is not None else ""
     return (f"{r['model']:>5} B={r['batch']:<4} {r['work']:<34} {r['scan']:<16} "
-            f"{r['seconds'] * 1e3:10.2f} ms {r['img_per_s']:10.1f} img/s  {mem}")
+            f"{r['seconds'] * 1e3:10.2f} ms {r['img_per_s']:10.1f} img/s  {mem}{comp}")
 
 
 def write(rows, out: Path, meta):
+    merged = any("run" in r for r in rows)  # rows from --merge name the run folder they came from
     text = json.dumps(dict(meta=meta, rows=rows), indent=1)
     atomic_write(out / "results.json", lambda f: f.write(text.encode()))
     lines = [f"Device: {meta['device']}; jax {meta['jax']}; precision {meta['precision']}; "
              f"medians after warm-up of {meta['reps']} runs (explanations: half as many, at least 3).", "",
-             "| model | batch | work | path | ms | img/s | peak GiB |", "|---|---|---|---|---|---|---|"]
+             "| model | batch | work | path | ms | img/s | peak GiB | compile s |" + (" run |" if merged else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if merged else "")]
     for r in rows:
         mem = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        comp = f"{r['compile_s']:.1f}" if r.get("compile_s") is not None else "-"
         lines.append(f"| {r['model']} | {r['batch']} | {r['work']} | {r['scan']} | {r['seconds'] * 1e3:.2f} | "
-                     f"{r['img_per_s']:.1f} | {mem} |")
+                     f"{r['img_per_s']:.1f} | {mem} | {comp} |" + (f" {r['run']} |" if merged else ""))
     table = "\n".join(lines) + "\n"
     atomic_write(out / "results.md", lambda f: f.write(table.encode()))
 
@@ -248,9 +262,9 @@ def write(rows, out: Path, meta):
 def merge(folders, out: Path):
     """One table from several runs (e.g. two device calls): rows in order, metadata per run."""
     runs = [json.loads((d / "results.json").read_text()) for d in folders]
-    meta = dict(runs[0]["meta"], runs=[r["meta"] for r in runs])
+    meta = dict(runs[0]["meta"], runs=[dict(r["meta"], folder=d.name) for d, r in zip(folders, runs)])
     meta["reps"] = "/".join(str(r["meta"]["reps"]) for r in runs)
-    write([row for r in runs for row in r["rows"]], out, meta)
+    write([dict(row, run=d.name) for d, r in zip(folders, runs) for row in r["rows"]], out, meta)
     log(f"merged {len(folders)} runs into {out}/results.json and results.md")
 
 

@@ -1,0 +1,36 @@
+"""benchmarks/bench.py on the CPU: one tiny case, its JSON and table, and --merge of two runs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_smoke_and_merge(tmp_path):
+    run = tmp_path / "one"
+    cmd = [sys.executable, "benchmarks/bench.py", "--models", "tiny", "--batches", "1", "--modes", "official",
+           "--methods", "raw_attention", "--reps", "1", "--remat-batches", "", "--out", str(run)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    rows = json.loads((run / "results.json").read_text())["rows"]
+    assert [r["work"] for r in rows] == ["forward", "raw_attention/official"]
+    for r in rows:
+        assert r["seconds"] > 0 and abs(r["img_per_s"] * r["seconds"] - 1) < 1e-9
+        assert r["compile_s"] > 0 and r["peak_gib"] > 0
+    table = (run / "results.md").read_text().splitlines()
+    assert table[2] == "| model | batch | work | path | ms | img/s | peak GiB | compile s |"
+    assert len(table) == 4 + len(rows)
+
+    other = tmp_path / "two"
+    other.mkdir()
+    (other / "results.json").write_text(json.dumps(dict(meta=dict(json.loads((run / "results.json").read_text())["meta"],
+                                                                    reps=3), rows=rows[:1])))
+    merged = tmp_path / "merged"
+    subprocess.run([sys.executable, "benchmarks/bench.py", "--merge", f"{run},{other}", "--out", str(merged)],
+                   cwd=ROOT, check=True, capture_output=True, timeout=600)
+    out = json.loads((merged / "results.json").read_text())
+    assert [r["run"] for r in out["rows"]] == ["one", "one", "two"]
+    assert out["meta"]["reps"] == "1/3" and [m["folder"] for m in out["meta"]["runs"]] == ["one", "two"]
+    lines = (merged / "results.md").read_text().splitlines()
+    assert lines[2].endswith("| compile s | run |") and lines[-1].endswith("| two |")
