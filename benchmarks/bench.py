@@ -53,21 +53,20 @@ def timeit(fn, *args, reps=10, warmup=2):
     return statistics.median(times)
 
 
-def compile_seconds(fn, *args):
-    """Seconds to trace, lower and compile ``fn`` (a jitted function) for ``args``; its later
-    calls with arguments of the same shapes reuse this executable."""
+def measure(fn, *args, reps, warmup=2):
+    """Compile the jitted ``fn`` for ``args`` once, explicitly, then time that executable and read
+    its memory analysis: (median seconds, peak GiB, compile seconds). (Wrapping ``fn`` in another
+    jax.jit for the memory analysis, as this script once did, compiled every case twice.)"""
     t = time.perf_counter()
-    fn.lower(*args).compile()
-    return time.perf_counter() - t
+    compiled = fn.lower(*args).compile()
+    compile_s = time.perf_counter() - t
+    return timeit(compiled, *args, reps=reps, warmup=warmup), _gib(peak_bytes(compiled)), compile_s
 
 
-def peak_bytes(fn, *args):
-    """XLA's static memory analysis of the compiled function: args + outputs + temporaries.
-    A function that is already jitted is lowered as it is, so the executable compiled for the
-    timing is reused (wrapping it in another jax.jit would compile it a second time)."""
+def peak_bytes(compiled):
+    """XLA's static memory analysis of a compiled function: args + outputs + temporaries."""
     try:
-        lower = fn.lower if hasattr(fn, "lower") else jax.jit(fn).lower
-        m = lower(*args).compile().memory_analysis()
+        m = compiled.memory_analysis()
         return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
                    - m.alias_size_in_bytes)
     except Exception:  # some backends have no analysis
@@ -96,10 +95,9 @@ def bench_model(name, batches, args, rows):
             fwd = jax.jit(lambda p, x, scan=scan: vim_apply(config, p, x, scan_method=scan,
                                                              precision=args.precision))
             try:
-                tc = compile_seconds(fwd, params, images)
-                t = timeit(fwd, params, images, reps=args.reps)
+                t, peak, tc = measure(fwd, params, images, reps=args.reps)
                 row = dict(model=name, batch=B, work="forward", scan=scan, seconds=t, img_per_s=B / t,
-                           peak_gib=_gib(peak_bytes(fwd, params, images)), compile_s=tc)
+                           peak_gib=peak, compile_s=tc)
                 rows.append(row)
                 log(_fmt(row))
             except Exception as e:
@@ -117,11 +115,10 @@ def bench_model(name, batches, args, rows):
                     fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan, remat=remat: explain(
                         config, p, x, method, start_layer=start, mode=mode, scan_method=scan, remat=remat))
                     try:
-                        tc = compile_seconds(fn, params, images)
-                        t = timeit(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
+                        t, peak, tc = measure(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
                         work = f"{method}/{mode}" + (" remat" if remat else "")
                         row = dict(model=name, batch=B, work=work, scan=scan, seconds=t, img_per_s=B / t,
-                                   peak_gib=_gib(peak_bytes(fn, params, images)), compile_s=tc)
+                                   peak_gib=peak, compile_s=tc)
                         rows.append(row)
                         log(_fmt(row))
                     except Exception as e:
@@ -142,9 +139,9 @@ def bench_full_attention(rows, reps):
     all_layers = jax.jit(lambda p, x: map_hidden_attention(config, p, x, checksum))
 
     try:
-        t = timeit(all_layers, params, image, reps=reps, warmup=1)
+        t, peak, tc = measure(all_layers, params, image, reps=reps, warmup=1)
         row = dict(model="tiny", batch=1, work="hidden attention, 24 layers x 2 branches x 384 ch",
-                   scan="auto", seconds=t, img_per_s=1 / t, peak_gib=_gib(peak_bytes(all_layers, params, image)))
+                   scan="auto", seconds=t, img_per_s=1 / t, peak_gib=peak, compile_s=tc)
         rows.append(row)
         log(_fmt(row))
     except Exception as e:
@@ -160,15 +157,15 @@ def bench_bf16(rows, reps, report):
     images = jax.random.normal(jax.random.PRNGKey(7), (128, 224, 224, 3))
     for dtype in (None, jnp.bfloat16):
         fwd = jax.jit(lambda p, x, dtype=dtype: vim_apply(config, p, x, precision=None, dtype=dtype))
-        t = timeit(fwd, params, images, reps=reps)
+        t, peak, tc = measure(fwd, params, images, reps=reps)
         rows.append(dict(model="small", batch=128, work=f"forward {'bf16' if dtype else 'f32 (tf32 matmuls)'}",
-                         scan="auto", seconds=t, img_per_s=128 / t, peak_gib=_gib(peak_bytes(fwd, params, images))))
+                         scan="auto", seconds=t, img_per_s=128 / t, peak_gib=peak, compile_s=tc))
         log(_fmt(rows[-1]))
     fn = jax.jit(lambda p, x: explain(config, p, x, "mamba_attribution", start_layer=15, mode="official",
                                       dtype=jnp.bfloat16))
-    t = timeit(fn, params, images, reps=max(3, reps // 2), warmup=1)
+    t, peak, tc = measure(fn, params, images, reps=max(3, reps // 2), warmup=1)
     rows.append(dict(model="small", batch=128, work="mamba_attribution/official bf16", scan="auto", seconds=t,
-                     img_per_s=128 / t, peak_gib=_gib(peak_bytes(fn, params, images))))
+                     img_per_s=128 / t, peak_gib=peak, compile_s=tc))
     log(_fmt(rows[-1]))
     x = images[:16]
     l32 = vim_apply(config, params, x)
