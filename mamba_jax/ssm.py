@@ -126,7 +126,8 @@ def class_token_row(delta, A, B, C, pos: int, *, official: bool = False):
     The decay exponents are suffix sums of positive numbers (no cancellation), taken as a
     product with a strictly upper triangular 0/1 matrix in full float32 precision: with
     ``jnp.cumsum`` (an associative scan on GPU) XLA took 3 minutes to compile the
-    reduction below for Vim-S at batch 128 (jax 0.11.2, H200), and 28 s this way.
+    reduction below in Vim-S's batch-128 attribution (jax 0.11.2, H200); this way the whole
+    attribution compiles in 15 s (benchmarks/results/h200, run b128_suffix_matmul).
     """
     L = delta.shape[0]
     k = jnp.arange(L)
