@@ -13,7 +13,8 @@ def test_bench_smoke_and_merge(tmp_path):
     cmd = [sys.executable, "benchmarks/bench.py", "--models", "tiny", "--batches", "1", "--modes", "official",
            "--methods", "raw_attention", "--reps", "1", "--remat-batches", "", "--out", str(run)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
-    rows = json.loads((run / "results.json").read_text())["rows"]
+    first = json.loads((run / "results.json").read_text())
+    rows = first["rows"]
     assert [r["work"] for r in rows] == ["forward", "raw_attention/official"]
     for r in rows:
         assert r["seconds"] > 0 and abs(r["img_per_s"] * r["seconds"] - 1) < 1e-9
@@ -24,8 +25,7 @@ def test_bench_smoke_and_merge(tmp_path):
 
     other = tmp_path / "two"
     other.mkdir()
-    (other / "results.json").write_text(json.dumps(dict(meta=dict(json.loads((run / "results.json").read_text())["meta"],
-                                                                    reps=3), rows=rows[:1])))
+    (other / "results.json").write_text(json.dumps(dict(meta=dict(first["meta"], reps=3), rows=rows[:1])))
     merged = tmp_path / "merged"
     subprocess.run([sys.executable, "benchmarks/bench.py", "--merge", f"{run},{other}", "--out", str(merged)],
                    cwd=ROOT, check=True, capture_output=True, timeout=600)
