@@ -46,6 +46,7 @@ __all__ = [
     "cls_vectors_from_capture",
     "full_attention_from_capture",
     "hidden_attention",
+    "hook_gradients",
     "mamba_attribution",
     "official_cls_vector",
     "official_full_attention",
@@ -245,11 +246,82 @@ class Mixer(nn.Module):
         return self.out_proj(out)
 
 
+def _apply_norm(norm: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``norm``'s function with explicit parameters (RMSNorm or LayerNorm)."""
+    if isinstance(norm, RMSNorm):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps) * weight
+    return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+
+
+class _FusedAddNorm(torch.autograd.Function):
+    """The official fused add + norm (mamba_ssm's ``rms_norm_fn`` / ``layer_norm_fn`` with
+    ``prenorm=True``) as ONE autograd op with two outputs: (norm(r), r), r = residual + hidden.
+
+    This is what decides which gradient the official Block's hook sees. The hook is registered
+    on the second output r; autograd hands a tensor hook only the gradient arriving at that
+    tensor from its own consumers, and r's only consumer is the next block's add (or the final
+    add + norm_f). The gradient that flows through this block's norm and mixer goes to the op's
+    first output and, inside ``backward``, into the op's inputs, never past the hook. So the
+    hook of layer l holds d logit / d r_{l+1}, not d logit / d r_l (SPEC section 4).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, residual, weight, bias, norm):
+        r = hidden if residual is None else residual + hidden
+        ctx.norm, ctx.has_residual = norm, residual is not None
+        ctx.save_for_backward(r, weight, bias)
+        return _apply_norm(norm, r, weight, bias), r
+
+    @staticmethod
+    def backward(ctx, grad_normed, grad_r):
+        r, weight, bias = ctx.saved_tensors
+        leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (r, weight, bias)]
+        with torch.enable_grad():
+            normed = _apply_norm(ctx.norm, *leaves)
+            wanted = [t for t in leaves if t is not None]
+            grads = list(torch.autograd.grad(normed, wanted, grad_normed))
+        g_r = grads.pop(0) + grad_r  # total gradient of r: through this norm and through r's consumers
+        g_weight = grads.pop(0)
+        g_bias = grads.pop(0) if bias is not None else None
+        return g_r, (g_r if ctx.has_residual else None), g_weight, g_bias, None
+
+
 class Block(nn.Module):
+    """One official Block: add + norm, mixer; returns (mixer output, residual).
+
+    With ``cfg.fused_add_norm`` (every official model) the add and the norm are one autograd op
+    with two outputs (``_FusedAddNorm``); without it they are separate ops and the returned
+    residual also feeds this block's norm. As the official Block does, a gradient hook is
+    registered on the returned residual and stores what it receives in ``self.gradients``.
+    """
+
     def __init__(self, cfg: VimConfig):
         super().__init__()
+        self.fused_add_norm = cfg.fused_add_norm
         self.norm = _norm(cfg)
         self.mixer = Mixer(cfg)
+        self.gradients: Tensor | None = None
+
+    def save_gradients(self, grad: Tensor) -> None:
+        self.gradients = grad
+
+    def forward(self, hidden: Tensor, residual: Tensor | None, capture: dict | None = None,
+                probe: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """hidden: the previous mixer output (the embedded tokens for the first block);
+        residual: the previous residual (None for the first block). ``probe`` (zeros) is added
+        to the new residual r_l: its gradient is the total d out / d r_l."""
+        if probe is not None:
+            hidden = hidden + probe
+        if self.fused_add_norm:
+            normed, residual = _FusedAddNorm.apply(hidden, residual, self.norm.weight,
+                                                   getattr(self.norm, "bias", None), self.norm)
+        else:
+            residual = hidden if residual is None else residual + hidden
+            normed = self.norm(residual)
+        out = self.mixer(normed, capture)
+        if residual.requires_grad:
+            residual.register_hook(self.save_gradients)
+        return out, residual
 
 
 class VimReference(nn.Module):
@@ -269,8 +341,11 @@ class VimReference(nn.Module):
       and a branch is {"u", "delta", "z", "y": [Bt, L, E], "B", "C": [Bt, L, N],
       "A": [E, N] (= -exp(A_log)), "D": [E]}, the backward branch's tensors in its own
       (flipped) order: its position i is original position L-1-i.
-      ``residual_probes``: optional sequence of depth tensors [Bt, L, D] (zeros) added to
-      r_l; the gradient of a logit w.r.t. probe l is d logit / d r_l.
+      ``residual_probes``: optional sequence of depth (or depth + 1) tensors [Bt, L, D]
+      (zeros) added to r_l (entry depth: to r_depth, the residual stream entering norm_f);
+      the gradient of a logit w.r.t. probe l is the total d logit / d r_l.
+      After a backward pass, ``layers[l].gradients`` holds what the official Block's hook
+      receives (``hook_gradients``).
     """
 
     def __init__(self, cfg: VimConfig):
@@ -337,15 +412,16 @@ class VimReference(nn.Module):
         residual = None
         cap: dict = {"residual": [], "layers": []}
         for i, layer in enumerate(self.layers):
-            residual = hidden if residual is None else residual + hidden   # fused add (+ norm)
-            if residual_probes is not None:
-                residual = residual + residual_probes[i]
             branches: dict | None = {} if capture else None
-            hidden = layer.mixer(layer.norm(residual), branches)
+            probe = None if residual_probes is None else residual_probes[i]
+            hidden, residual = layer(hidden, residual, branches, probe)
             if capture:
                 cap["residual"].append(residual)
                 cap["layers"].append(branches)
-        final = self.norm_f(residual + hidden)
+        r_final = residual + hidden   # r_depth: the official final add + norm_f (prenorm=False)
+        if residual_probes is not None and len(residual_probes) > self.cfg.depth:
+            r_final = r_final + residual_probes[self.cfg.depth]
+        final = self.norm_f(r_final)
         logits = self.pool_and_head(final)
         if not capture:
             return logits
@@ -474,29 +550,61 @@ def _target_index(logits: Tensor, target: int | Sequence[int] | Tensor | None) -
 
 
 def _gradients_and_capture(model: VimReference, x: Tensor, target) -> tuple[Tensor, dict]:
-    """One forward with capture and zero probes; d logit_target / d r_l for every layer."""
+    """One forward with capture and zero probes: d logit_target / d r_l for l = 0..depth."""
     cfg = model.cfg
     bt = x.shape[0]
     probes = [torch.zeros(bt, cfg.seq_len, cfg.embed_dim, dtype=model.dtype, device=x.device,
-                          requires_grad=True) for _ in range(cfg.depth)]
+                          requires_grad=True) for _ in range(cfg.depth + 1)]
     with torch.enable_grad():
         logits, capture = model(x, capture=True, residual_probes=probes)
-        if logits.ndim != 2:
-            raise ValueError("attribution needs logits [Bt, classes] (final_pool='all' has per-token logits)")
-        idx = _target_index(logits, target)
-        # images are independent, so the gradient of the sum is the per-image gradient
-        selected = logits.gather(1, idx[:, None]).sum()
+        selected = _selected_logits(logits, target)
         grads = torch.autograd.grad(selected, probes)
     return torch.stack(grads), capture
 
 
+def _selected_logits(logits: Tensor, target) -> Tensor:
+    """The sum over the batch of each image's target logit (images are independent, so its
+    gradient is each image's own gradient)."""
+    if logits.ndim != 2:
+        raise ValueError("attribution needs logits [Bt, classes] (final_pool='all' has per-token logits)")
+    idx = _target_index(logits, target)
+    return logits.gather(1, idx[:, None]).sum()
+
+
 def residual_gradients(model: VimReference, x: Tensor,
                        target: int | Sequence[int] | Tensor | None = None) -> Tensor:
-    """g_l = d logit_target / d r_l for every layer: [depth, Bt, L, D].
+    """The total derivatives d logit_target / d r_l for l = 0..depth: [depth + 1, Bt, L, D]
+    (r_l enters layer l's norm; r_depth enters norm_f), from zero probes added to the stream.
 
     target: None = argmax per image, an int for all images, or one index per image.
     """
     return _gradients_and_capture(model, x, target)[0]
+
+
+def _hook_gradients_and_capture(model: VimReference, x: Tensor, target) -> tuple[Tensor, dict]:
+    """The official mechanism: forward, ``zero_grad``, backward of the target logit, then read
+    every Block's hook (``Block.gradients``)."""
+    for layer in model.layers:
+        layer.gradients = None
+    with torch.enable_grad():
+        x = x.to(model.dtype).requires_grad_(True)   # as the official ``image.requires_grad_()``
+        logits, capture = model(x, capture=True)
+        selected = _selected_logits(logits, target)
+        model.zero_grad()
+        selected.backward()
+    model.zero_grad()
+    return torch.stack([layer.gradients for layer in model.layers]), capture
+
+
+def hook_gradients(model: VimReference, x: Tensor,
+                   target: int | Sequence[int] | Tensor | None = None) -> Tensor:
+    """g_l as the official Mamba-Attribution reads it: what each Block's gradient hook on its
+    returned residual receives after ``backward`` of the target logit: [depth, Bt, L, D].
+
+    With ``cfg.fused_add_norm`` (every official model) this is d logit / d r_{l+1} (r_depth:
+    the residual stream entering norm_f); without it, d logit / d r_l (see ``_FusedAddNorm``).
+    """
+    return _hook_gradients_and_capture(model, x, target)[0]
 
 
 @torch.no_grad()
@@ -525,13 +633,13 @@ def mamba_attribution(model: VimReference, x: Tensor,
                       target: int | Sequence[int] | Tensor | None = None,
                       start_layer: int = 15) -> Tensor:
     """Mamba-Attribution (official):
-        s_l = minmax_L(max_features clamp(g_l, min=0)),  g_l = d logit_target / d r_l
+        s_l = minmax_L(max_features clamp(g_l, min=0)),  g_l = ``hook_gradients`` (the Block hook)
         a_l = mean_E(minmax_{E,L}(clamp(CLS vector_l, min=0)))
         f_l = a_l * s_l; rank-one rollout from start_layer; row cls_pos; drop cls; clamp(min=0).
     Returns [Bt, grid_h, grid_w]."""
     cfg = model.cfg
     _check_start(cfg, start_layer)
-    grads, capture = _gradients_and_capture(model, x, target)
+    grads, capture = _hook_gradients_and_capture(model, x, target)
     with torch.no_grad():
         s = _minmax(grads[start_layer:].clamp(min=0).amax(-1), (-1,))          # [n, Bt, L]
         v = cls_vectors_from_capture(capture, cfg.cls_pos)[start_layer:]       # [n, Bt, E, L]

@@ -41,6 +41,11 @@ class VimConfig:
       norm_eps: epsilon of every norm.
       residual_in_fp32: keep the residual stream in float32 (always true here:
         the JAX model computes the residual stream in float32 regardless).
+      fused_add_norm: the official Block's fused add + norm (True for every official
+        variant). It does not change the forward pass; it changes which gradient the
+        official gradient hook sees (SPEC section 4): with the fused op, the residual
+        the Block returns is an output of that op, so the hook gets only the gradient
+        from the next block, d logit / d r_{l+1}; without it, d logit / d r_l.
       bimamba: "v2" = separate backward branch parameters (official Vim),
         "v1" = backward scan shares conv/projections, only ``A_b_log`` is its own,
         "none" = a plain causal Mamba.
@@ -68,6 +73,7 @@ class VimConfig:
     rms_norm: bool = True
     norm_eps: float = 1e-5
     residual_in_fp32: bool = True
+    fused_add_norm: bool = True
     bimamba: Bimamba = "v2"
     divide_out: bool = True
     cls_token: ClsToken = "middle"

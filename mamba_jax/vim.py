@@ -234,9 +234,11 @@ class VisionMamba(nn.Module):
     ``capture_from .. depth - 1`` (n of them): ``residual`` [n, B, L, D], and per branch
     ``fwd`` / ``bwd`` the scan inputs ``u, delta, z, y`` [n, B, L, E] and ``B, C``
     [n, B, L, N]; plus ``tokens`` [B, L, D] (embedded input) and ``final`` [B, L, D]
-    (after ``norm_f``). ``perturb`` [n, B, L, D] is added to those layers' residual streams.
-    The layers before ``capture_from`` run as a separate scan whose output does not depend
-    on ``perturb``: a gradient with respect to ``perturb`` does not pass back through them.
+    (after ``norm_f``). ``perturb`` [n + 1, B, L, D]: entry i is added to the residual stream
+    r_{capture_from + i} entering layer capture_from + i, the last entry to r_depth, the
+    residual stream entering ``norm_f``. The layers before ``capture_from`` run as a separate
+    scan whose output does not depend on ``perturb``: a gradient with respect to ``perturb``
+    does not pass back through them.
     """
 
     config: VimConfig
@@ -291,8 +293,14 @@ class VisionMamba(nn.Module):
         k = self.capture_from
         if k:  # layers before k: no capture and no perturbation (a gradient wrt perturb stops at k)
             carry, _ = run(0, k, carry, None, False)
-        (residual, m), caps = run(k, cfg.depth, carry, perturb, self.capture, self.remat)
-        final = make_norm(cfg, "norm_f")(residual + m)
+        layer_perturb = final_perturb = None
+        if perturb is not None:  # entries for r_k .. r_{depth-1}, and r_depth (entering norm_f)
+            layer_perturb, final_perturb = perturb[:-1], perturb[-1]
+        (residual, m), caps = run(k, cfg.depth, carry, layer_perturb, self.capture, self.remat)
+        residual = residual + m  # r_depth, the residual stream entering norm_f
+        if final_perturb is not None:
+            residual = residual + final_perturb
+        final = make_norm(cfg, "norm_f")(residual)
         head = nn.Dense(cfg.num_classes, precision=self.precision, dtype=self.dtype, kernel_init=_trunc_normal,
                         name="head")
 
@@ -314,9 +322,22 @@ class VisionMamba(nn.Module):
 
 
 # ------------------------------------------------------------------ public API
-def check_images(config: VimConfig, images) -> jax.Array:
-    """Raise a ValueError naming the problem unless images are [B, H, W, C] as the config wants."""
-    shape = tuple(getattr(images, "shape", ()))
+def check_images(config: VimConfig, images, *, max_abs: float = 20.0) -> jax.Array:
+    """Raise a ValueError naming the problem unless images are a non-empty batch [B, H, W, C] as
+    the config wants, of normalized float pixels; return them as a float32 (or float64) array.
+
+    Layout, dtype and an empty batch are checked always (also under ``jax.jit``): integer or
+    bool pixels are refused (0..255 is not the model's input). The values are checked only for
+    concrete arrays, not tracers: each must be finite and within +-``max_abs``. Normalized
+    images hold about -2.1 .. 2.6 (ImageNet mean and std); the bound 20 leaves room for other
+    normalizations and random test inputs, while pixels in 0..255 exceed it unless the image is
+    nearly black.
+    """
+    import numpy as np
+
+    if not hasattr(images, "shape"):
+        images = np.asarray(images)
+    shape = tuple(images.shape)
     want = (config.img_size, config.img_size, config.channels)
     if len(shape) != 4:
         raise ValueError(f"images must be a batch [B, H, W, C] (NHWC) of shape [B, *{want}], got shape {shape}")
@@ -329,6 +350,23 @@ def check_images(config: VimConfig, images) -> jax.Array:
         else:
             hint = f" (expected {config.img_size} x {config.img_size} pixels; resize with mamba_jax.preprocess)"
         raise ValueError(f"images of shape {shape} do not fit the model: expected [B, *{want}]{hint}")
+    if shape[0] == 0:
+        raise ValueError(f"empty batch: images has shape {shape}; pass at least one image")
+    use = "use mamba_jax.preprocess (files, PIL images, uint8 arrays) or mamba_jax.normalize(images / 255)"
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(f"images are {images.dtype}: the model takes normalized float images, not raw pixels; "
+                         f"{use}")
+    if not isinstance(images, jax.core.Tracer):
+        xp = np if isinstance(images, np.ndarray) else jnp
+        finite = xp.isfinite(images).reshape(shape[0], -1).all(axis=1)
+        largest = xp.abs(xp.where(xp.isfinite(images), images, 0)).max()
+        finite, largest = np.asarray(finite), float(largest)
+        if not finite.all():
+            raise ValueError(f"images are not finite: image(s) {np.flatnonzero(~finite).tolist()[:10]} hold NaN "
+                             "or inf values")
+        if largest > max_abs:
+            raise ValueError(f"images hold values up to {largest:.4g}: they look like pixels in 0..255, not "
+                             f"normalized model inputs (|x| <= {max_abs:g}); {use}")
     images = jnp.asarray(images)
     return images if images.dtype == jnp.float64 else images.astype(jnp.float32)
 
@@ -349,9 +387,10 @@ def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = Fals
 
     Returns ``logits`` [B, num_classes] (per-token [B, L, classes] for final_pool="all"),
     or ``(logits, intermediates)`` when ``capture`` (layout: ``VisionMamba``).
-    ``perturb`` [depth - capture_from, B, L, D] (optional) is added to the residual stream
-    entering each block from ``capture_from`` on: its gradient at zero is the gradient with
-    respect to those residual streams. ``capture_from`` (default 0): layers before it are
+    ``perturb`` [depth - capture_from + 1, B, L, D] (optional) is added to the residual
+    streams r_capture_from .. r_depth (r_l enters block l's norm; r_depth enters ``norm_f``):
+    its gradient at zero is the gradient with respect to those residual streams.
+    ``capture_from`` (default 0): layers before it are
     neither captured nor perturbed, which saves their memory and, under ``jax.grad`` with
     respect to ``perturb``, their backward pass. ``remat``: under a gradient, recompute each
     layer from ``capture_from`` on in the backward pass instead of keeping its internals
@@ -364,9 +403,9 @@ def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = Fals
     if not 0 <= capture_from < config.depth:
         raise ValueError(f"capture_from {capture_from} is outside the model's {config.depth} layers")
     if perturb is not None:
-        want = (config.depth - capture_from, images.shape[0], config.seq_len, config.embed_dim)
+        want = (config.depth - capture_from + 1, images.shape[0], config.seq_len, config.embed_dim)
         if tuple(perturb.shape) != want:
-            raise ValueError(f"perturb must have shape {want} (layers {capture_from}..{config.depth - 1}, "
+            raise ValueError(f"perturb must have shape {want} (residual streams {capture_from}..{config.depth}, "
                              f"batch, tokens, embed_dim), got {tuple(perturb.shape)}")
     model = VisionMamba(config, scan_method, precision, dtype, capture, capture_from, remat)
     logits, inter = model.apply({"params": params}, images, perturb)

@@ -87,7 +87,7 @@ def test_gradients_from_a_later_layer_equal_the_full_backward(model):
     logits, inter, grads, _ = forward_with_gradients(CFG, params, images)
     for k in (1, 2):
         logits_k, inter_k, grads_k, _ = forward_with_gradients(CFG, params, images, first_layer=k)
-        assert grads_k.shape == (CFG.depth - k, *grads.shape[1:])
+        assert grads_k.shape == (CFG.depth - k + 1, *grads.shape[1:])
         np.testing.assert_allclose(logits_k, logits, rtol=0, atol=1e-6)
         np.testing.assert_allclose(grads_k, grads[k:], rtol=0, atol=1e-6 * float(jnp.abs(grads).max()))
         np.testing.assert_allclose(inter_k["residual"], inter["residual"][k:], rtol=0, atol=1e-6)
@@ -104,8 +104,8 @@ def test_capture_from_arguments_are_checked(model):
     params, images = model
     with pytest.raises(ValueError, match="capture_from 3 is outside"):
         vim_apply(CFG, params, images, capture=True, capture_from=3)
-    with pytest.raises(ValueError, match=r"perturb must have shape \(2, 3, 17, 16\)"):
-        vim_apply(CFG, params, images, capture_from=1, perturb=jnp.zeros((3, 3, 17, 16)))
+    with pytest.raises(ValueError, match=r"perturb must have shape \(3, 3, 17, 16\)"):
+        vim_apply(CFG, params, images, capture_from=1, perturb=jnp.zeros((2, 3, 17, 16)))
 
 
 def test_bad_arguments(model):

@@ -24,6 +24,7 @@ from convert.reference import (
     cls_vectors_from_capture,
     full_attention_from_capture,
     hidden_attention,
+    hook_gradients,
     mamba_attribution,
     official_cls_vector,
     official_full_attention,
@@ -483,7 +484,9 @@ def test_methods_match_numpy_recomposition(flags):
     model = make_model(cfg, seed=7)
     x = images(cfg, n=3)
     v = official_cls_vector(model, x).numpy()                   # [depth, Bt, E, L]
-    g = residual_gradients(model, x).numpy()                    # [depth, Bt, L, D]
+    # the official hook of layer l sees d logit / d r_{l+1} (fused add + norm, SPEC section 4),
+    # taken here from the probes, a mechanism independent of the hooks the reference uses
+    g = residual_gradients(model, x).numpy()[1:]                # [depth, Bt, L, D]
     raw, roll, attr = (m(model, x, start_layer=start).numpy()
                        for m in (raw_attention, attention_rollout, mamba_attribution))
     for b in range(x.shape[0]):
@@ -503,14 +506,14 @@ def test_residual_gradients_finite_difference():
     x = images(cfg)
     target = [1, 3]
     g = residual_gradients(model, x, target=target)
-    assert g.shape == (cfg.depth, 2, cfg.seq_len, cfg.embed_dim)
+    assert g.shape == (cfg.depth + 1, 2, cfg.seq_len, cfg.embed_dim)
     gen = torch.Generator().manual_seed(9)
     eps = 1e-5
-    for layer in range(cfg.depth):
+    for layer in range(cfg.depth + 1):  # r_0 .. r_depth (the last enters norm_f)
         V = torch.randn(2, cfg.seq_len, cfg.embed_dim, generator=gen, dtype=torch.float64)
 
         def logit(s, layer=layer, V=V):
-            probes = [s * V if i == layer else torch.zeros_like(V) for i in range(cfg.depth)]
+            probes = [s * V if i == layer else torch.zeros_like(V) for i in range(cfg.depth + 1)]
             out = model(x, residual_probes=probes)
             return out[torch.arange(2), torch.tensor(target)]
 
@@ -528,6 +531,38 @@ def test_target_int_and_default_argmax():
     assert_close(g2, residual_gradients(model, x, target=[2, 2]), 0.0, "int")
     with pytest.raises(ValueError):
         residual_gradients(model, x, target=[0, 1, 2])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hook_sees_next_residual_gradient_when_fused(fused):
+    """The official Block's hook on the residual it returns: with the fused add + norm (one op,
+    two outputs) it receives d logit / d r_{l+1}; with separate ops, d logit / d r_l. The probe
+    gradients (total derivatives, finite-difference checked above) are the oracle."""
+    cfg = TINY.replace(fused_add_norm=fused)
+    model = make_model(cfg, seed=3)
+    x = images(cfg)
+    hooks = hook_gradients(model, x, target=[1, 3])
+    total = residual_gradients(model, x, target=[1, 3])
+    expected = total[1:] if fused else total[:-1]
+    for layer in range(cfg.depth):
+        assert_close(hooks[layer], expected[layer], _TOL_F64, f"hook of layer {layer}")
+    # the two readings differ on this model, so the check above can tell them apart
+    other = total[:-1] if fused else total[1:]
+    assert float((hooks - other).abs().max()) > 1e-3 * float(other.abs().max())
+
+
+@pytest.mark.parametrize("rms_norm", [True, False])
+def test_fused_add_norm_keeps_the_forward_and_parameter_gradients(rms_norm):
+    """The fused op changes what the hook sees, nothing else: same logits, same weight grads."""
+    cfg = TINY.replace(rms_norm=rms_norm)
+    fused, plain = make_model(cfg, seed=5), make_model(cfg.replace(fused_add_norm=False), seed=5)
+    x = images(cfg)
+    out_f, out_p = fused(x), plain(x)
+    assert_close(out_f, out_p, _TOL_F64, "logits")
+    out_f[:, 1].sum().backward()
+    out_p[:, 1].sum().backward()
+    for (name, p_f), (_, p_p) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert_close(p_f.grad, p_p.grad, _TOL_F64, f"grad of {name}")
 
 
 @pytest.mark.parametrize("method", [raw_attention, attention_rollout, mamba_attribution])

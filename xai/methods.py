@@ -63,15 +63,17 @@ def forward_with_gradients(config: VimConfig, params, images, target=None, *, fi
                            scan_method: str = "auto", remat: bool = False):
     """One forward and backward pass: (logits, intermediates, grads, target).
 
-    grads [depth - first_layer, B, L, D]: row i is d logit_target / d residual_l for layer
-    l = first_layer + i, per image (the images of a batch do not interact, so the gradient of
-    the summed target logits is each image's own gradient). Intermediates are captured for
-    the same layers. The backward pass stops at ``first_layer``: the layers before it are
-    run once, forward only. ``remat``: recompute the layers' internals in the backward pass
+    grads [depth - first_layer + 1, B, L, D]: entry i is d logit_target / d r_k for
+    k = first_layer + i, where r_k is the residual stream entering layer k's norm and the last
+    entry, r_depth, the residual stream entering ``norm_f`` (total derivatives, per image: the
+    images of a batch do not interact, so the gradient of the summed target logits is each
+    image's own gradient). Intermediates are captured for layers first_layer .. depth - 1.
+    The backward pass stops at ``first_layer``: the layers before it are run once, forward
+    only. ``remat``: recompute the layers' internals in the backward pass
     (``jax.checkpoint``) instead of keeping them.
     """
     B = images.shape[0]
-    perturb = jnp.zeros((config.depth - first_layer, B, config.seq_len, config.embed_dim), jnp.float32)
+    perturb = jnp.zeros((config.depth - first_layer + 1, B, config.seq_len, config.embed_dim), jnp.float32)
 
     def f(p):
         logits, inter = vim_apply(config, params, images, capture=True, perturb=p, capture_from=first_layer,
@@ -81,6 +83,19 @@ def forward_with_gradients(config: VimConfig, params, images, target=None, *, fi
 
     (_, (logits, inter, tgt)), grads = jax.value_and_grad(f, has_aux=True)(perturb)
     return logits, inter, grads, tgt
+
+
+def official_gradients(config: VimConfig, grads):
+    """What the official Block's gradient hook holds for each layer of ``grads``' range.
+
+    grads: ``forward_with_gradients``' [n + 1, B, L, D] over r_k .. r_depth. The official
+    Block registers its hook on the residual stream it returns. With the fused add + norm
+    (``config.fused_add_norm``, every official model) that tensor is an output of the fused op
+    and its only consumer is the next block's fused add (or the final add + ``norm_f``), so the
+    hook of layer l sees d logit / d r_{l+1}; without the fused op the same tensor also feeds
+    layer l's own norm, and the hook sees d logit / d r_l (SPEC section 4). Returns [n, B, L, D].
+    """
+    return grads[1:] if config.fused_add_norm else grads[:-1]
 
 
 def _grad_relevance(grads_l):
@@ -95,9 +110,21 @@ def _to_grid(config: VimConfig, token_map):
     return jnp.maximum(patches.reshape(-1, *config.grid), 0.0)
 
 
+# The gradient that weighs layer l's matrices in the exact Mamba-Attribution: "output" is
+# d logit / d r_{l+1}, the gradient at the output of layer l's mixer (r_{l+1} = r_l + mixer_l),
+# as transformer attribution weighs an attention map by the gradient at that map's output;
+# "input" is d logit / d r_l. EXACT_GRADIENT_NOTE says why the choice was made.
+EXACT_GRADIENT = "output"
+
+
+def _exact_gradients(grads, which: str):
+    return grads[1:] if which == "output" else grads[:-1]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype",
-                                             "scan_method", "remat"))
-def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype, scan_method, remat):
+                                             "scan_method", "remat", "exact_gradient"))
+def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype, scan_method, remat,
+             exact_gradient=EXACT_GRADIENT):
     pos = config.cls_pos
     layers = range(start_layer, config.depth)
     # only the layers from start_layer on are captured (and, for the gradient, back-propagated)
@@ -119,7 +146,7 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
             token_map = rollout(rank_one(vec.mean(-2)), pos)
         else:
             a = _minmax(jnp.maximum(vec, 0.0), (-2, -1)).mean(-2)  # [n, B, L]
-            s = _grad_relevance(grads)  # [n, B, L]
+            s = _grad_relevance(official_gradients(config, grads))  # [n, B, L]
             token_map = rollout(rank_one(a * s), pos)
     else:
         if method == "raw_attention":
@@ -138,12 +165,48 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
                 mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
                 return (mean - lo[:, None, None]) / (hi - lo)[:, None, None]
             mats = stack(config, params, inter, layers, weighted)  # [n, B, L, L]
-            s = _grad_relevance(grads)  # [n, B, L]
+            s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
             token_map = rollout(mats * s[:, :, None, :], pos)
     return _to_grid(config, token_map)
 
 
-def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int, target, n_images: int):
+def resolve_start_layer(config: VimConfig, start_layer) -> int:
+    """``start_layer`` checked: None -> ``default_start_layer(config)``; else an int in [0, depth)."""
+    if start_layer is None:
+        return default_start_layer(config)
+    if isinstance(start_layer, bool) or not isinstance(start_layer, int) and not (
+            hasattr(start_layer, "dtype") and getattr(start_layer, "ndim", 1) == 0
+            and jnp.issubdtype(start_layer.dtype, jnp.integer)):
+        raise ValueError(f"start_layer must be an integer layer index (or None), got {start_layer!r}")
+    start_layer = int(start_layer)
+    if not 0 <= start_layer < config.depth:
+        raise ValueError(f"start_layer {start_layer} is outside the model's {config.depth} layers "
+                         f"(0..{config.depth - 1})")
+    return start_layer
+
+
+def check_target(config: VimConfig, target, n_images: int) -> None:
+    """``target``: None, an int, or one int per image, each in [0, num_classes) (values are
+    checked unless ``target`` is a tracer)."""
+    if target is None:
+        return
+    shape = tuple(getattr(target, "shape", jnp.shape(target)))
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] != n_images):
+        raise ValueError(f"target must be an int or one class per image ({n_images}), got shape {shape}")
+    if isinstance(target, jax.core.Tracer):
+        return
+    import numpy as np
+
+    t = np.asarray(jax.device_get(target))
+    if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"target must be integer class indices, got {target!r} ({t.dtype})")
+    bad = t[(t < 0) | (t >= config.num_classes)]
+    if bad.size:
+        raise ValueError(f"target {bad.tolist()[:10] if t.ndim else int(t)} is outside the model's "
+                         f"{config.num_classes} classes (0..{config.num_classes - 1})")
+
+
+def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int | None, target, n_images: int):
     """Raise a ValueError naming the problem with ``explain``'s arguments; return the target
     to use (None for the methods that do not depend on the class)."""
     if method not in METHODS:
@@ -153,31 +216,36 @@ def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int,
     if config.cls_token in ("none", "double"):
         raise ValueError(f"the explanation methods follow one class token; this model has cls_token="
                          f"{config.cls_token!r}")
-    if not 0 <= start_layer < config.depth:
-        raise ValueError(f"start_layer {start_layer} is outside the model's {config.depth} layers")
+    resolve_start_layer(config, start_layer)
+    check_target(config, target, n_images)  # also when the method ignores it: a bad target is a mistake
     if target is not None and method != "mamba_attribution":
         return None  # only the gradient method depends on the class
-    if target is not None:
-        t = jnp.asarray(target)
-        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] != n_images):
-            raise ValueError(f"target must be an int or one class per image ({n_images}), got shape {t.shape}")
     return target
 
 
-def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
+def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int | None = None,
             mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None, scan_method: str = "auto",
             remat: bool = False):
     """Explanation maps float32 [B, grid_h, grid_w] (class token removed, clamped at 0).
 
+    images: normalized float NHWC images [B, H, W, C] (``mamba_jax.preprocess``); a non-empty
+    batch of finite values (``mamba_jax.vim.check_images``: integer pixels or values beyond
+    +-20, i.e. 0..255 pixels, are refused).
     method: "raw_attention", "rollout" or "mamba_attribution"; mode: "exact" or "official".
     target (Mamba-Attribution only): None = each image's top-1 class, an int, or one class
-    per image. start_layer: the first layer used (0-based; the official default is 15 of 24).
+    per image, in [0, num_classes). start_layer: the first layer used (0-based); None (the
+    default) = ``default_start_layer(config)``, the official 15 of 24 scaled to the model's depth.
     dtype: compute dtype of the model's projections (``jnp.bfloat16`` for the fast path).
     scan_method: the selective scan ("auto", "pallas", "associative", "sequential"; see vim_apply).
     remat (Mamba-Attribution only): recompute each layer in the backward pass instead of keeping
     its internals: bounds the memory of large batches for one more forward pass of the layers.
+    All arguments are checked before any computation (ValueError naming the problem).
     """
-    target = check_arguments(config, method, mode, start_layer, target, len(images))
+    from mamba_jax.vim import check_images
+
+    images = check_images(config, images)
+    start_layer = resolve_start_layer(config, start_layer)
+    target = check_arguments(config, method, mode, start_layer, target, images.shape[0])
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
                     budget=budget, dtype=dtype, scan_method=scan_method,
                     remat=bool(remat) and method == "mamba_attribution")

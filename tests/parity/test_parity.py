@@ -17,13 +17,14 @@ from convert.checkpoint import load_checkpoint
 from convert.reference import (
     VimReference,
     attention_rollout,
+    hook_gradients,
     mamba_attribution,
     raw_attention,
     residual_gradients,
 )
 from mamba_jax import VimConfig, preprocess, vim_apply, vim_tiny
 from tests.conftest import assert_close
-from xai.methods import explain, forward_with_gradients
+from xai.methods import explain, forward_with_gradients, official_gradients
 
 TINY = VimConfig(embed_dim=16, depth=3, img_size=32, patch_size=8, stride=8, num_classes=7)
 FLAGS = {
@@ -119,8 +120,27 @@ def test_residual_gradients_match_reference(vim_tiny_pair, sample_batch):
     images, x = sample_batch
     _, _, grads, _ = forward_with_gradients(config, params, images)
     ref_grads = residual_gradients(ref, x).numpy()
-    for l in range(config.depth):
+    for l in range(config.depth + 1):
         assert_close(grads[l], ref_grads[l], rtol_of_max=1e-5, name=f"d logit / d residual_{l}")
+
+
+def test_official_gradients_match_the_official_hook(vim_tiny_pair, sample_batch):
+    """The gradient official Mamba-Attribution reads, against the reference's reproduction of
+    the official mechanism (a fused add + norm op with two outputs and a hook on the residual
+    it returns), all 24 layers of the five sample photos, 1e-5 of each layer's max. Taking
+    d logit / d r_l instead (the gradients one layer off) fails it."""
+    config, ref, params = vim_tiny_pair
+    images, x = sample_batch
+    _, _, grads, _ = forward_with_gradients(config, params, images)
+    ours = np.asarray(official_gradients(config, grads))
+    hooks = hook_gradients(ref, x).numpy()
+    assert ours.shape == hooks.shape == (config.depth, len(images), config.seq_len, config.embed_dim)
+    worst = max(assert_close(ours[l], hooks[l], rtol_of_max=1e-5, name=f"official g_{l}")
+                for l in range(config.depth))
+    shifted = np.asarray(grads[:-1])  # d logit / d r_l, the reading both ports once shared
+    off = [float(np.abs(shifted[l] - hooks[l]).max() / np.abs(hooks[l]).max()) for l in range(config.depth)]
+    assert min(off) > 1e-3, f"d logit / d r_l is within {min(off):.1e} of the hook on some layer"
+    print(f"\nofficial g_l vs hook: max |diff| {worst:.2e}; d/d r_l off by {min(off):.1%}..{max(off):.1%} of max")
 
 
 def test_reference_batch_sizes_are_independent(vim_tiny_pair, sample_batch):
