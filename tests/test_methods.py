@@ -120,3 +120,33 @@ def test_bad_arguments(model):
         explain(CFG, params, images, "mamba_attribution", target=[1, 2], start_layer=1)
     with pytest.raises(ValueError, match="one class token"):
         explain(CFG.replace(cls_token="none"), params, images, "rollout")
+
+
+def test_minmax_of_a_constant_tensor_is_zero_not_nan():
+    """The official min-max divides 0 by 0 on a constant tensor; ours returns 0 there and the
+    official formula elsewhere (hand-computed values)."""
+    from xai.methods import _minmax
+
+    x = jnp.array([[[0.0, 0.0, 0.0], [1.0, 3.0, 2.0]]])
+    np.testing.assert_array_equal(_minmax(x, (-1,)), [[[0.0, 0.0, 0.0], [0.0, 1.0, 0.5]]])
+
+
+def test_official_attribution_finite_where_the_last_layer_has_no_positive_attention():
+    """Demo image 11 of the held-out set (seed 1000): the official class-token vector of the
+    last layer is <= 0 everywhere, so the official code's map is NaN (0 / 0 in its min-max);
+    ours is finite and that layer contributes the identity to the rollout."""
+    from mamba_jax import normalize
+    from xai.demo import DEMO_START_LAYER, demo_model
+    from xai.hidden_attention import official_cls_vector, per_layer
+    from xai.shapes import shapes_dataset01
+
+    config, params = demo_model()
+    images01, _, _ = shapes_dataset01(12, seed=1000)
+    x = normalize(images01[11:12])
+    _, inter = vim_apply(config, params, x, capture=True, capture_from=config.depth - 1)
+    vec = per_layer(config, params, inter, [config.depth - 1],
+                    lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, config.cls_pos), first=config.depth - 1)
+    assert float(vec.max()) <= 0.0  # the degenerate case this test is about
+    for mode in ("official", "exact"):
+        maps = explain(config, params, x, "mamba_attribution", mode=mode, start_layer=DEMO_START_LAYER)
+        assert np.isfinite(np.asarray(maps)).all() and float(maps.max()) > 0, mode

@@ -46,10 +46,21 @@ def default_start_layer(config: VimConfig) -> int:
     return min(config.depth - 1, round(OFFICIAL_START_LAYER * config.depth / OFFICIAL_DEPTH))
 
 
+def _scale(x, lo, hi):
+    """(x - lo) / (hi - lo), and 0 where hi == lo.
+
+    Deviation from the official code, which divides 0 by 0 there and returns NaN: a constant
+    tensor happens in practice (on the demo model the official class-token vector of the last
+    layer is <= 0 everywhere for 10 of 64 held-out images, so its positive part is all zero),
+    and one NaN layer turns the whole rolled-out map into NaN. A layer with nothing to rank
+    then contributes zeros. Elsewhere the result is the official one, bit for bit.
+    """
+    span = hi - lo
+    return jnp.where(span > 0, (x - lo) / jnp.where(span > 0, span, 1.0), 0.0)
+
+
 def _minmax(x, axes):
-    lo = x.min(axis=axes, keepdims=True)
-    hi = x.max(axis=axes, keepdims=True)
-    return (x - lo) / (hi - lo)
+    return _scale(x, x.min(axis=axes, keepdims=True), x.max(axis=axes, keepdims=True))
 
 
 def _resolve_target(target, logits):
@@ -163,7 +174,7 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
         else:
             def weighted(br, A_f, A_b):
                 mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
-                return (mean - lo[:, None, None]) / (hi - lo)[:, None, None]
+                return _scale(mean, lo[:, None, None], hi[:, None, None])
             mats = stack(config, params, inter, layers, weighted)  # [n, B, L, L]
             s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
             token_map = rollout(mats * s[:, :, None, :], pos)
