@@ -27,7 +27,9 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-ScanMethod = Literal["auto", "associative", "sequential"]
+ScanMethod = Literal["auto", "pallas", "associative", "sequential"]
+SCAN_METHODS: tuple[str, ...] = ("auto", "pallas", "associative", "sequential")
+PALLAS_MIN_BATCH = 8
 
 
 def discretize(delta: jax.Array, A: jax.Array, B: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -68,20 +70,29 @@ def scan_sequential(u, delta, A, B, C, D):
     return y + D * u
 
 
-def default_method() -> str:
-    """The faster scan for the default backend (measured: MEASUREMENTS.md, README)."""
-    return "sequential" if jax.default_backend() == "cpu" else "associative"
+def resolve_scan(method: str, batch: int) -> str:
+    """The one resolver of ``method="auto"``, from H200 and CPU measurements (README,
+    MEASUREMENTS.md): on a GPU the fused Pallas kernel from batch ``PALLAS_MIN_BATCH`` on
+    (2.2x the associative scan at batch 128, half as fast at batch 1), else the associative
+    scan; on a CPU the sequential scan (12x the associative one there). Other methods pass."""
+    if method not in SCAN_METHODS:
+        raise ValueError(f"unknown scan method {method!r}; expected one of {SCAN_METHODS}")
+    if method != "auto":
+        return method
+    if jax.default_backend() == "cpu":
+        return "sequential"
+    return "pallas" if batch >= PALLAS_MIN_BATCH else "associative"
 
 
 def selective_scan(u, delta, A, B, C, D, *, method: ScanMethod = "auto"):
-    """y [L, E] = the selective scan of one sequence; ``method`` picks the algorithm."""
-    if method == "auto":
-        method = default_method()
+    """y [L, E] = the selective scan of one sequence; ``method`` picks the algorithm
+    ("pallas" is a batched kernel: ``vim.Mixer`` calls it, this unbatched function does not)."""
+    method = resolve_scan(method, 1)
     if method == "associative":
         return scan_associative(u, delta, A, B, C, D)
     if method == "sequential":
         return scan_sequential(u, delta, A, B, C, D)
-    raise ValueError(f"unknown scan method {method!r}; expected 'auto', 'associative' or 'sequential'")
+    raise ValueError(f"scan method {method!r} has no unbatched form; use 'associative' or 'sequential'")
 
 
 def segment_sums(delta: jax.Array) -> jax.Array:

@@ -104,18 +104,6 @@ class CausalConv1d(nn.Module):
         return out + bias
 
 
-PALLAS_MIN_BATCH = 8
-
-
-def auto_scan_method(batch: int) -> str:
-    """The scan used by ``scan_method="auto"``, chosen from H200 measurements (README):
-    on a GPU the fused Pallas kernel from batch 8 on (2.2x the associative scan at batch 128,
-    half as fast at batch 1), else the associative scan; on a CPU the sequential scan."""
-    if jax.default_backend() == "gpu":
-        return "pallas" if batch >= PALLAS_MIN_BATCH else "associative"
-    return ssm.default_method()
-
-
 def _scan_batch(u, delta, A, B, C, D, method):
     scan = functools.partial(ssm.selective_scan, method=method)
     return jax.vmap(scan, in_axes=(0, 0, None, 0, 0, None))(u, delta, A, B, C, D)
@@ -150,9 +138,7 @@ class Mixer(nn.Module):
         """The gated scan output y * silu(z) and the branch's intermediates."""
         u, dt, B, C, z = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (u, dt, B, C, z))
         delta = jax.nn.softplus(dt)
-        method = self.scan_method
-        if method == "auto":
-            method = auto_scan_method(u.shape[0])
+        method = ssm.resolve_scan(self.scan_method, u.shape[0])
         if method == "pallas":
             # fused GPU kernel: softplus, discretization, D skip and gate in one pass; it
             # does not expose the pre-gate y (interpret mode off the GPU, for tests)
@@ -356,7 +342,8 @@ def check_images(config: VimConfig, images, *, max_abs: float = 20.0) -> jax.Arr
     if not jnp.issubdtype(images.dtype, jnp.floating):
         raise ValueError(f"images are {images.dtype}: the model takes normalized float images, not raw pixels; "
                          f"{use}")
-    if not isinstance(images, jax.core.Tracer):
+    # values: concrete arrays only (not tracers, not a multi-host array this host cannot read whole)
+    if not isinstance(images, jax.core.Tracer) and getattr(images, "is_fully_addressable", True):
         xp = np if isinstance(images, np.ndarray) else jnp
         finite = xp.isfinite(images).reshape(shape[0], -1).all(axis=1)
         largest = xp.abs(xp.where(xp.isfinite(images), images, 0)).max()

@@ -1,0 +1,55 @@
+"""The numerics of a forward pass, as one frozen (hashable, jit-static) object.
+
+Every layer needs the same four choices (compute dtype, matmul precision, selective-scan
+method, rematerialization); they travel together as one ``Options`` from the public
+functions (``vim_apply``, ``xai.explain``, ``xai.evaluate``) down to the Flax modules, and
+are a single static argument under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from mamba_jax.ssm import SCAN_METHODS, ScanMethod
+
+PRECISIONS = (None, "default", "high", "highest")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Options:
+    """How a model computes, not what it computes (every choice keeps the mathematics).
+
+    Attributes:
+      dtype: compute dtype of the projections (``jnp.bfloat16`` for the fast path); None is
+        float32. The residual stream, the norms and the scan always stay float32.
+      precision: matmul precision: "highest" (true float32, no TF32: the parity default),
+        "high", "default" or None (the backend's default; TF32 on recent GPUs).
+      scan_method: the selective scan: "auto" (``ssm.resolve_scan``), "pallas" (fused GPU
+        kernel; interpret mode elsewhere, for tests), "associative" or "sequential" (oracle).
+      remat: under a gradient, recompute each captured layer in the backward pass
+        (``jax.checkpoint``) instead of keeping its internals: less memory, one more forward
+        pass of those layers.
+    """
+
+    dtype: Any = None
+    precision: str | None = "highest"
+    scan_method: ScanMethod = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        if self.scan_method not in SCAN_METHODS:
+            raise ValueError(f"unknown scan method {self.scan_method!r}; expected one of {SCAN_METHODS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown matmul precision {self.precision!r}; expected one of {PRECISIONS}")
+        if self.dtype is not None:  # one hashable spelling per dtype: jnp.bfloat16 == "bfloat16"
+            object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        object.__setattr__(self, "remat", bool(self.remat))
+
+    def replace(self, **changes) -> Options:
+        return dataclasses.replace(self, **changes)
+
+
+DEFAULT = Options()
