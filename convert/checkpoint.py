@@ -2,17 +2,24 @@
 save and restore converted Flax params with orbax, and export back to PyTorch.
 
 Every write goes to a temporary path beside the target and is renamed into place,
-so an interrupted save never leaves a half-written checkpoint under the final name.
+so an interrupted save never leaves a half-written checkpoint under the final name; SIGINT and
+SIGTERM are held while orbax's background threads write, so the temporary folder is removed too.
+Converted folders hold a marker file (``OUTPUT_MARKER``): ``overwrite=True`` replaces only those.
+Every loaded weight must be finite: a NaN or inf is an error naming the parameter.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,8 +44,10 @@ HUB_FILES = {
 }
 _HUB_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+_CKPT_SUFFIXES = _TORCH_SUFFIXES + (".safetensors",)
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+OUTPUT_MARKER = ".mamba-jax-output.json"  # the same marker as the xai command lines' output folders
 
 
 # --------------------------------------------------------------------- reading
@@ -67,10 +76,22 @@ def unwrap_state_dict(obj, source: str = "checkpoint") -> dict[str, np.ndarray]:
         if not (hasattr(v, "detach") or isinstance(v, np.ndarray)):
             raise CheckpointError(f"{source}: value of {k!r} is a {type(v).__name__}, not a tensor")
         sd[k] = _to_numpy(v)
+        _check_finite(sd[k], k, source)
     # checkpoints saved from DistributedDataParallel prefix every key with "module."
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return sd
+
+
+def _check_finite(value, name: str, source: str) -> None:
+    """A NaN or inf weight is an error naming the parameter (it would make every output NaN)."""
+    if np.asarray(value).dtype.kind not in "fc":
+        return
+    finite = np.isfinite(value)
+    if not finite.all():
+        n = int(finite.size - np.count_nonzero(finite))
+        raise CheckpointError(f"{source}: parameter {name!r} holds {n} non-finite value(s) (NaN or inf) among "
+                              f"{finite.size}: the checkpoint is damaged")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -105,27 +126,59 @@ def hub_download(repo_id: str, filename: str | None = None) -> str:
 
     ``HF_HUB_OFFLINE=1`` is honoured by huggingface_hub: then only the cache is used.
     """
-    from huggingface_hub import hf_hub_download
-
     if filename is None:
         filename = HUB_FILES.get(repo_id)
     if filename is None:
-        raise ValueError(f"no default file known for hub repo {repo_id!r}; name one as "
-                         f"'{repo_id}:FILE' (known repos: {sorted(HUB_FILES)})")
-    return hf_hub_download(repo_id=repo_id, filename=filename)
+        raise CheckpointError(f"no local file or folder {repo_id!r}, and no default file known for a hub repo of "
+                              f"that name; name one as '{repo_id}:FILE' (known repos: {sorted(HUB_FILES)})")
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.hf_hub_download(repo_id=repo_id, filename=filename)
+    except Exception as e:  # huggingface_hub's errors: say which repo, and how to work without the hub
+        raise CheckpointError(_hub_error(repo_id, filename, e)) from e
+
+
+def _hub_error(repo_id: str, filename: str, err: Exception) -> str:
+    from huggingface_hub import errors
+
+    offline = (f"To work offline, download the file once where there is a connection "
+               f"(`hf download {repo_id} {filename}`, or from https://huggingface.co/{repo_id}) and pass its "
+               "local path; HF_HUB_OFFLINE=1 makes the local cache the only source")
+    if isinstance(err, errors.RepositoryNotFoundError):
+        return (f"hub repo {repo_id!r} not found (nor a local file or folder of that name); "
+                "a private or gated repo needs `hf auth login`")
+    if isinstance(err, errors.LocalEntryNotFoundError):
+        return (f"cannot get {filename!r} of hub repo {repo_id!r}: offline or no connection, and it is not in "
+                f"the local cache. {offline}")
+    if isinstance(err, errors.EntryNotFoundError):
+        return f"hub repo {repo_id!r} has no file {filename!r} (name another one as '{repo_id}:FILE')"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"cannot get {filename!r} of hub repo {repo_id!r}: {first}. {offline}"
+
+
+def _looks_local(text: str) -> bool:
+    """A path rather than a hub id ``owner/name``: it starts like a path ("/", "./", "~"), has a
+    backslash or more than one "/", ends in a checkpoint suffix, or its first part is a local folder."""
+    if text.startswith(("/", ".", "~")) or "\\" in text or text.count("/") != 1:
+        return True
+    return text.lower().endswith(_CKPT_SUFFIXES) or Path(text.split("/")[0]).is_dir()
 
 
 def resolve(src: str | os.PathLike) -> Path:
-    """A local path as is; ``owner/name[:file]`` that is not a local path -> hub download."""
+    """A local path as is; ``owner/name`` that is not a local path, or ``owner/name:file``, is
+    downloaded from the hub. A path that looks local and does not exist is a FileNotFoundError."""
     path = Path(src)
     if path.exists():
         return path
     text = str(src)
     repo_id, colon, filename = text.partition(":")
-    if _HUB_REPO.match(repo_id) and (colon or not text.endswith(_TORCH_SUFFIXES + (".safetensors",))):
+    if _HUB_REPO.match(repo_id) and (colon or not _looks_local(text)):
         return Path(hub_download(repo_id, filename or None))
-    raise FileNotFoundError(f"checkpoint not found: {text!r} is neither a local path nor a hub id "
-                            "like 'hustvl/Vim-small-midclstok'")
+    hint = ""
+    if _HUB_REPO.match(repo_id) and not colon and not text.lower().endswith(_CKPT_SUFFIXES):
+        hint = f" ({repo_id.split('/')[0]}/ is a local folder; for the hub repo write '{repo_id}:FILE')"
+    raise FileNotFoundError(f"no such file or folder: {text!r}{hint}")
 
 
 # --------------------------------------------------------------------- loading
@@ -164,21 +217,87 @@ def load_checkpoint(src, variant: str | VimConfig | None = None) -> tuple[VimCon
 
 
 # --------------------------------------------------------------- saving (orbax)
+def _is_converted(folder: Path) -> bool:
+    """A folder this module wrote: it has the marker (or, written before markers, exactly
+    config.json and params/)."""
+    names = set(os.listdir(folder))
+    if OUTPUT_MARKER in names:  # first line {"command": ...}, then the names written
+        try:
+            return json.loads((folder / OUTPUT_MARKER).read_text().splitlines()[0]).get("command") == "convert"
+        except (OSError, ValueError, AttributeError, IndexError):
+            return False
+    return names == {CONFIG_FILE, PARAMS_DIR}
+
+
+def check_out_dir(out_dir, *, overwrite: bool = False) -> Path:
+    """Check a conversion's output folder before any work: it must be new or empty, or, with
+    ``overwrite``, a folder converted earlier (nothing else is ever replaced)."""
+    out = Path(out_dir)
+    for existing in (out, *out.parents):
+        if existing.exists():
+            break
+    if not existing.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a folder" if existing == out
+                                 else f"{out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: cannot write in {existing} (permission denied)")
+    if existing != out or not os.listdir(out):
+        return out
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose a new or empty folder, or pass "
+                              "overwrite=True (--overwrite) to replace a folder converted earlier")
+    if not _is_converted(out):
+        shown = ", ".join(sorted(os.listdir(out))[:4])
+        raise FileExistsError(f"{out} is not a converted checkpoint folder (it holds {shown}; no "
+                              f"{OUTPUT_MARKER}): overwrite replaces only folders this program wrote, and it "
+                              "did not write this one; choose another folder")
+    return out
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Hold SIGINT and SIGTERM until the block ends, then raise KeyboardInterrupt: orbax writes in
+    background threads, which an interrupt of the main thread would leave writing into the
+    temporary folder while it is removed (it reappeared, half-written)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        if not received:
+            print("interrupted: finishing the current write, then cleaning up", file=sys.stderr)
+        received.append(signum)
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+    if received:
+        raise KeyboardInterrupt
+
+
 def _atomic_dir(out_dir: Path, overwrite: bool, write) -> Path:
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    out_dir = check_out_dir(Path(out_dir), overwrite=overwrite).absolute()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        write(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        with _interrupts_held():
+            write(tmp)
+            (tmp / OUTPUT_MARKER).write_text(json.dumps({"command": "convert"}) + "\n"
+                                             + "".join(f"{n}\n" for n in sorted(os.listdir(tmp))))
+        with _interrupts_held():  # the swap is one step: finished before an interrupt is honoured
+            if out_dir.exists():
+                old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+                os.replace(out_dir, old)
+                os.replace(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -207,11 +326,22 @@ def load_params(path) -> tuple[VimConfig, dict]:
     if not cfg_file.is_file() or not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path} is not a converted checkpoint folder "
                               f"(expected {CONFIG_FILE} and {PARAMS_DIR}/)")
-    config = VimConfig(**json.loads(cfg_file.read_text()))
+    try:
+        config = VimConfig(**json.loads(cfg_file.read_text()))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_file}: not a model config written by save_params ({e})") from e
     target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
                                     param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(path / PARAMS_DIR, target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(path / PARAMS_DIR, target)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged folders
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore the parameters ({first})") from e
+    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not bool(jnp.isfinite(leaf).all()):
+            name = "/".join(str(getattr(k, "key", k)) for k in keys)
+            _check_finite(np.asarray(leaf), name, str(path))
     return config, params
 
 
@@ -234,6 +364,9 @@ def export_state_dict(config: VimConfig, params, path, *, overwrite: bool = Fals
             import torch
 
             torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

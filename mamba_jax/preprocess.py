@@ -38,7 +38,14 @@ def to_pil(image) -> Image.Image:
         raise ValueError(f"an image array must be [H, W], [H, W, 3] or [H, W, 4] (HWC), got {arr.shape}")
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
+    if arr.size == 0:
+        raise ValueError(f"an image array must not be empty, got shape {arr.shape}")
     if arr.dtype != np.uint8:
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"an image array must be uint8 (0..255) or float in [0, 1], got {arr.dtype}"
+                             + (": scale 16-bit pixels with (arr / 65535)" if arr.dtype == np.uint16 else ""))
+        if not np.isfinite(arr).all():
+            raise ValueError("a float image array must be finite: it holds NaN or inf values")
         if arr.min() < 0 or arr.max() > 1:
             raise ValueError("a float image array must hold values in [0, 1] (or pass uint8 in [0, 255])")
         arr = np.round(arr * 255).astype(np.uint8)
@@ -74,7 +81,12 @@ def to_unit(image, size: int = 224) -> np.ndarray:
 
 def normalize(images01, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     """[0, 1] pixels -> the model's input, (x - mean) / std over the channel axis, any leading
-    dims, NHWC. NumPy in, NumPy out; a JAX array (also a traced one) in, a JAX array out."""
+    dims, NHWC. NumPy in, NumPy out; a JAX array (also a traced one) in, a JAX array out.
+    Integer (0..255) or bool pixels are refused: divide by 255 first."""
+    dtype = getattr(images01, "dtype", None)
+    if dtype is not None and (np.issubdtype(dtype, np.bool_) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"normalize takes float pixels in [0, 1], got {dtype}: divide 0..255 pixels by 255 first "
+                         "(or use mamba_jax.preprocess)")
     return (images01 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 

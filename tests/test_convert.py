@@ -118,7 +118,7 @@ def test_non_checkpoint_files(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pth")
     with pytest.raises(CheckpointError, match="not a state dict"):
         load_checkpoint(tmp_path / "list.pth")
-    with pytest.raises(FileNotFoundError, match="neither a local path nor a hub id"):
+    with pytest.raises(FileNotFoundError, match="no such file or folder"):
         load_checkpoint(tmp_path / "missing" / "file.pth")
 
 

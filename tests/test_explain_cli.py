@@ -78,7 +78,10 @@ def test_predictions_and_figures(setup, capsys):
     assert (out / "img0_attention_layer0.png").stat().st_size > 1000
     expected = {"predictions.json", "img0_attention_layer0.png"} | {f"{f.stem}.png" for f in setup["files"]} | {
         f"{f.stem}_{m}_{mode}.npy" for f in setup["files"] for m in METHODS for mode in MODES}
-    assert {p.name for p in out.iterdir()} == expected  # nothing else: no temporary files
+    assert {p.name for p in out.iterdir()} == expected | {".mamba-jax-output.json"}  # no temporary files
+    # the marker lists exactly what the run wrote (what a later --overwrite may replace)
+    marker = (out / ".mamba-jax-output.json").read_text().splitlines()
+    assert json.loads(marker[0]) == {"command": "explain"} and set(marker[1:]) == expected
 
 
 def test_single_mode_and_method_subset(setup, tmp_path, capsys):
@@ -94,22 +97,33 @@ def test_single_mode_and_method_subset(setup, tmp_path, capsys):
 def test_remat_and_bf16_flags(setup, tmp_path):
     """--remat recomputes the same maps; --bf16 moves them only a little (against the float32 run)."""
     f = setup["files"][1]
-    for flag, tol in (("--remat", 1e-5), ("--bf16", 0.05)):
-        out = tmp_path / flag.strip("-")
+    # start layer 0: with the last layer alone (the default 1 of 2) the official map is all zero,
+    # since d logit / d r_depth lives on the class token, whose official attention is 0
+    maps = {}
+    for flag in ("", "--remat", "--bf16"):
+        out = tmp_path / (flag.strip("-") or "plain")
         rc = main(["explain", str(f), "--checkpoint", str(setup["ckpt"]), "--methods", "mamba_attribution",
-                   "--mode", "official", "--start-layer", "1", flag, "--out", str(out)])
+                   "--mode", "official", "--start-layer", "0", *([flag] if flag else []), "--out", str(out)])
         assert rc == 0
-        got = np.load(out / f"{f.stem}_mamba_attribution_official.npy")
-        ref = np.load(setup["out"] / f"{f.stem}_mamba_attribution_official.npy")
+        maps[flag] = np.load(out / f"{f.stem}_mamba_attribution_official.npy")
+    ref = maps[""]
+    assert float(ref.max()) > 0
+    for flag, tol in (("--remat", 1e-5), ("--bf16", 0.05)):
+        got = maps[flag]
         worst = assert_close(got, ref, rtol_of_max=tol, name=f"{flag} map")
         if flag == "--bf16":
             assert worst > 1e-6 * float(np.abs(ref).max()), "--bf16 changed nothing: is it passed on?"
 
 
 def _fails(argv) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(["explain", *argv])
-    return str(e.value.code)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main(["explain", *argv]) == 2
+    assert len(err.getvalue().strip().splitlines()) == 1, err.getvalue()  # one line, no traceback
+    return err.getvalue()
 
 
 def test_errors(setup, tmp_path):
@@ -146,7 +160,7 @@ def test_find_images_expands_folders_sorted(tmp_path):
     found = find_images([tmp_path, single / "z.jpg"])
     assert [p.name for p in found] == ["a.jpg", "b.PNG", "c.webp", "d.jpeg", "z.jpg"]
     (single / "a.png").write_bytes(b"")
-    with pytest.raises(SystemExit, match="share the name 'a'"):
+    with pytest.raises(ValueError, match="share the name 'a'"):
         find_images([tmp_path, single])
 
 

@@ -79,6 +79,15 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _warn_skipped(folder, names) -> None:
+    """Say which files a folder scan leaves out (hidden files excepted): none is skipped silently."""
+    skipped = sorted(n for n in names if not _is_image(n) and not n.startswith("."))
+    if skipped:
+        shown = ", ".join(skipped[:6]) + (f" and {len(skipped) - 6} more" if len(skipped) > 6 else "")
+        warnings.warn(f"skipped {len(skipped)} file(s) in {folder} that are not {'/'.join(IMAGE_EXTENSIONS)} "
+                      f"images: {shown}", stacklevel=3)
+
+
 def _parse_labels_file(path: Path) -> list[tuple[str | None, int]]:
     """Lines ``filename label`` or ``label``; blank lines and ``#`` comments skipped."""
     if not path.is_file():
@@ -153,7 +162,9 @@ class ImageNetVal:
             self.samples = [(p, -1) for p in files]
 
     def _flat_files(self) -> list[str]:
-        files = sorted(e.name for e in os.scandir(self.root) if e.is_file() and _is_image(e.name))
+        names = [e.name for e in os.scandir(self.root) if e.is_file()]
+        _warn_skipped(self.root, names)
+        files = sorted(n for n in names if _is_image(n))
         if not files:
             raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {self.root}")
         return [str(self.root / f) for f in files]
@@ -197,6 +208,7 @@ class ImageNetVal:
             found = []
             for dirpath, _, fnames in sorted(os.walk(self.root / name, followlinks=True)):
                 found += [os.path.join(dirpath, f) for f in sorted(fnames) if _is_image(f)]
+                _warn_skipped(dirpath, fnames)
             if not found:
                 empty.append(name)
             samples += [(p, index[name]) for p in found]

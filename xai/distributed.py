@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from mamba_jax.config import VimConfig
 from xai.data import pad_batch
-from xai.methods import check_arguments, explain
+from xai.methods import check_arguments, explain, resolve_start_layer
 
 try:  # jax >= 0.7 exposes shard_map at the top level
     from jax import shard_map as _shard_map
@@ -60,17 +60,23 @@ def _sharded_fn(config, method, start_layer, mode, mesh, with_target, options):
     return jax.jit(fn)
 
 
-def explain_sharded(config: VimConfig, params, images, method: str, *, target=None, start_layer: int = 15,
+def explain_sharded(config: VimConfig, params, images, method: str, *, target=None, start_layer: int | None = None,
                     mode: str = "exact", mesh: Mesh | None = None, **options):
     """``xai.explain`` with the batch split over the devices of ``mesh`` (default: all local ones).
 
     The batch is padded to a multiple of the device count (the padding is dropped from the
     result). Returns maps [B, grid_h, grid_w], equal to ``explain`` on one device.
     ``options``: explain's keyword options (``remat``, ``dtype``, ``scan_method``, ``budget``).
+    ``start_layer`` None (the default) is ``default_start_layer(config)``; every argument is
+    checked as ``explain`` checks it, before any work.
     """
+    from mamba_jax.vim import check_images
+
     mesh = mesh if mesh is not None else data_mesh()
     n = mesh.size
+    images = check_images(config, images)
     B = images.shape[0]
+    start_layer = resolve_start_layer(config, start_layer)
     target = check_arguments(config, method, mode, start_layer, target, B)
     x = _pad_to(jnp.asarray(images), n)
     t = jnp.zeros((B,), jnp.int32) if target is None else jnp.broadcast_to(jnp.asarray(target, jnp.int32), (B,))

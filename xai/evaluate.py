@@ -34,7 +34,7 @@ from tqdm import tqdm
 from mamba_jax.config import VimConfig
 from mamba_jax.vim import vim_apply
 from xai.data import normalize, pad_batch
-from xai.methods import METHODS, MODES, default_start_layer, explain
+from xai.methods import METHODS, MODES, default_start_layer, explain, resolve_start_layer
 from xai.metrics import (
     PERTURBATION_STEPS,
     PerturbationAccumulator,
@@ -42,7 +42,7 @@ from xai.metrics import (
     perturbation_hits,
     segmentation_stats,
 )
-from xai.plot import atomic_write
+from xai.plot import atomic_write, check_output_dir, output_dir, record_outputs
 
 TESTS = ("perturbation", "segmentation")
 TARGETS = ("predicted", "label")
@@ -62,7 +62,16 @@ Batch = tuple[Any, Any, Any]  # (images01 [B, H, W, 3], labels [B] or None, mask
 
 
 class DataError(ValueError):
-    """Data that cannot be evaluated (no images, wrong image size, no labels for target="label")."""
+    """Data that cannot be evaluated (no images, wrong image size or range, non-finite values,
+    labels out of range or missing for target="label", a non-finite model output)."""
+
+
+def _check_finite(values, what: str) -> None:
+    values = np.asarray(values)
+    if not np.isfinite(values).all():
+        bad = np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(1)).tolist()
+        raise DataError(f"non-finite values (NaN or inf) in {what} of image(s) {bad[:10]} of the batch: no "
+                        "result is computed from them (damaged weights or images?)")
 
 
 # ---------------------------------------------------------------------------
@@ -142,7 +151,7 @@ def evaluate(
     *,
     methods: Sequence[str] = METHODS,
     modes: Sequence[str] = MODES,
-    start_layer: int = 15,
+    start_layer: int | None = None,
     tests: Sequence[str] = TESTS,
     target: Literal["predicted", "label"] = "predicted",
     baselines: Sequence[str] = BASELINES,
@@ -158,7 +167,8 @@ def evaluate(
       batches: yields (images01 float [B, H, W, 3] in [0, 1], labels int [B] or
         None (a label < 0 means unknown), masks bool [B, H, W] or None).
       methods, modes: the explanation methods and modes (every combination is a row).
-      start_layer: first layer used by the methods.
+      start_layer: first layer used by the methods (None: ``default_start_layer(config)``, the
+        official 15 of 24 scaled to the model's depth).
       tests: any of "perturbation", "segmentation" (the latter only where masks exist).
       target: the class explained and tested: "predicted" (the unperturbed top-1)
         or "label" (the ground truth; every image needs one).
@@ -185,6 +195,7 @@ def evaluate(
             raise ValueError(f"unknown {what}(s) {sorted(unknown)}; expected some of {known}")
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    start_layer = resolve_start_layer(config, start_layer)
 
     # Params are an argument, not a closure constant: large models then compile quickly.
     if devices is not None and len(devices) > 1:
@@ -214,14 +225,30 @@ def evaluate(
         n = images01.shape[0]
         if n == 0:
             continue
-        labels = None if labels is None else np.asarray(labels, np.int32)
+        _check_finite(images01, "the pixels")
+        lo, hi = float(images01.min()), float(images01.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise DataError(f"images must hold pixels in [0, 1] (before normalization), got {lo:.4g} .. {hi:.4g}"
+                            + (": divide 0..255 pixels by 255" if hi > 1.5 else ""))
+        labels = None if labels is None else np.asarray(labels)
+        if labels is not None:
+            if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+                raise DataError(f"labels must be {n} integers (one per image, -1 = unknown), got {labels.dtype} "
+                                f"of shape {labels.shape}")
+            out_of_range = labels[(labels < -1) | (labels >= config.num_classes)]
+            if out_of_range.size:
+                raise DataError(f"label(s) {sorted(set(out_of_range.tolist()))[:10]} outside the model's "
+                                f"{config.num_classes} classes (0..{config.num_classes - 1}; -1 = unknown)")
+            labels = labels.astype(np.int32)
         if target == "label" and (labels is None or (labels < 0).any()):
             raise DataError('target="label" needs a ground-truth label for every image; this data has '
                             + ("none" if labels is None else "unknown labels (-1)"))
         pad_to = max(pad_to, n)
 
         x01 = pad_batch(images01, pad_to)
-        preds = np.asarray(jnp.argmax(predict(normalize(x01)), axis=-1))
+        logits = np.asarray(predict(normalize(x01)))
+        _check_finite(logits[:n], "the model's output")
+        preds = logits.argmax(-1).astype(np.int32)
         if labels is not None:
             known = labels >= 0
             n_labeled += int(known.sum())
@@ -244,7 +271,8 @@ def evaluate(
                     maps = np.broadcast_to(center_map(config.grid), (pad_to, *config.grid))
             else:
                 maps = explain_fn(config, params, x_norm, row.method, target=jnp.asarray(targets),
-                               start_layer=start_layer, mode=row.mode)
+                                  start_layer=start_layer, mode=row.mode)
+                _check_finite(np.asarray(maps)[:n], f"the {row.method} ({row.mode}) map")
             if "perturbation" in tests:
                 for acc, positive in ((row.positive, True), (row.negative, False)):
                     hits = perturbation_hits(predict, x01, maps, jnp.asarray(targets), positive=positive,
@@ -360,10 +388,23 @@ def plot_curves(results: dict, path) -> None:
     fig.savefig(path, format="png", dpi=110)  # a path or a binary file
 
 
+def _non_finite_keys(obj, path: str = "") -> list[str]:
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [path or "(value)"]
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _non_finite_keys(v, f"{path}/{key}" if path else str(key))]
+    if isinstance(obj, (list, tuple)):
+        return [k for i, v in enumerate(obj) for k in _non_finite_keys(v, f"{path}[{i}]")]
+    return []
+
+
 def write_results(results: dict, out_dir: str | os.PathLike) -> dict[str, Path]:
     """Writes ``results.json``, ``results.md`` and ``perturbation_curves.png`` to ``out_dir``."""
     out = Path(out_dir)
-    text_json = json.dumps(results, indent=2, allow_nan=False)
+    bad = _non_finite_keys(results)
+    if bad:
+        raise DataError(f"the results hold non-finite numbers (NaN or inf) at {', '.join(bad[:5])}: not written")
+    text_json = json.dumps(results, indent=2, allow_nan=False)  # strict JSON
     paths = {
         "json": atomic_write(out / RESULTS_JSON, lambda f: f.write(text_json.encode())),
         "markdown": atomic_write(out / RESULTS_MD, lambda f: f.write(markdown_report(results).encode())),
@@ -421,7 +462,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="first layer of the methods (default round(15 * depth / 24); 5 for the demo model)")
     p.add_argument("--target", choices=TARGETS, default="predicted",
                    help="class explained and tested: the predicted top-1 (default) or the label")
-    p.add_argument("--out", default="out/evaluate", metavar="DIR", help="output folder (default out/evaluate)")
+    p.add_argument("--out", default="out/evaluate", metavar="DIR",
+                   help="output folder (default out/evaluate), new or empty: checked before the evaluation starts; "
+                        "a rerun into a non-empty folder is refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier `mamba-jax evaluate` run in --out (only the files it "
+                        "wrote; a folder holding anything else is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--all-devices", action="store_true",
                    help="spread each batch over all local devices (data parallel; batch size per step)")
@@ -444,8 +490,9 @@ def _load_model(args) -> tuple[VimConfig, dict, int]:
     return config, params, start
 
 
-def _open_data(args) -> tuple[str, int, Callable[[], Iterable[Batch]]]:
-    """(description, number of images, a function returning the batch iterator)."""
+def _open_data(args, num_classes: int) -> tuple[str, int, Callable[[], Iterable[Batch]]]:
+    """(description, number of images, a function returning the batch iterator); labels that
+    the model cannot have are refused here, before any work."""
     bs, limit = args.batch_size, args.limit
     if args.labels and not args.imagenet_val:
         raise DataError("--labels is for --imagenet-val only")
@@ -461,6 +508,10 @@ def _open_data(args) -> tuple[str, int, Callable[[], Iterable[Batch]]]:
 
         ds = ImageNetVal(args.imagenet_val, args.labels, size=DATA_SIZE)
         n = len(ds) if limit is None else min(len(ds), limit)
+        bad = sorted({lb for _, lb in ds.samples[:n] if not -1 <= lb < num_classes})
+        if bad:
+            raise DataError(f"label(s) {bad[:10]} in {args.labels or args.imagenet_val} outside the model's "
+                            f"{num_classes} classes (0..{num_classes - 1})")
         return f"ImageNet validation folder {args.imagenet_val}", n, lambda: (
             (x, y, None) for x, y, _ in ds.batches(bs, progress=False, limit=limit))
     from xai.shapes import shapes_batches
@@ -472,34 +523,32 @@ def _open_data(args) -> tuple[str, int, Callable[[], Iterable[Batch]]]:
 
 
 def run(args) -> int:
-    """The ``evaluate`` command; user errors are printed as one line and return 2."""
-    from convert.mapping import CheckpointError
-
-    try:
-        if args.batch_size < 1:
-            raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
-        config, params, start_layer = _load_model(args)
-        if config.img_size != DATA_SIZE:
-            raise DataError(f"the data set's images are {DATA_SIZE} x {DATA_SIZE} but the model expects "
-                            f"{config.img_size} x {config.img_size} (img_size={config.img_size})")
-        source, n, make_batches = _open_data(args)
-        if n == 0:
-            raise DataError(f"no data: {source} has no images to evaluate")
-        modes = MODES if args.mode == "both" else (args.mode,)
-        print(f"evaluating {config.name or 'model'} on {source}: {n} images, methods {', '.join(args.methods)}, "
-              f"modes {', '.join(modes)}, start layer {start_layer}", file=sys.stderr)
-        results = evaluate(config, params, make_batches(), methods=args.methods, modes=modes,
-                           start_layer=start_layer, target=args.target, progress=not args.no_progress,
-                           total=math.ceil(n / args.batch_size),
-                           devices=jax.devices() if args.all_devices else None)
-    except (FileNotFoundError, NotADirectoryError, DataError, CheckpointError) as err:
-        print(f"mamba-jax evaluate: error: {err}", file=sys.stderr)
-        return 2
+    """The ``evaluate`` command; errors propagate to ``python -m xai``'s handler (one line, exit 2).
+    The output folder is checked before any work and written only at the end."""
+    if args.batch_size < 1:
+        raise DataError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_output_dir(args.out, command="evaluate", overwrite=args.overwrite)
+    config, params, start_layer = _load_model(args)
+    if config.img_size != DATA_SIZE:
+        raise DataError(f"the data set's images are {DATA_SIZE} x {DATA_SIZE} but the model expects "
+                        f"{config.img_size} x {config.img_size} (img_size={config.img_size})")
+    source, n, make_batches = _open_data(args, config.num_classes)
+    if n == 0:
+        raise DataError(f"no data: {source} has no images to evaluate")
+    modes = MODES if args.mode == "both" else (args.mode,)
+    print(f"evaluating {config.name or 'model'} on {source}: {n} images, methods {', '.join(args.methods)}, "
+          f"modes {', '.join(modes)}, start layer {start_layer}", file=sys.stderr)
+    results = evaluate(config, params, make_batches(), methods=args.methods, modes=modes,
+                       start_layer=start_layer, target=args.target, progress=not args.no_progress,
+                       total=math.ceil(n / args.batch_size),
+                       devices=jax.devices() if args.all_devices else None)
     results["settings"]["data"] = source
     results["settings"]["checkpoint"] = args.checkpoint
-    paths = write_results(results, args.out)
-    print(markdown_table(results))
+    print(markdown_table(results))  # first: the results are on the screen even if writing fails
     if results["top1_accuracy"] is not None:
         print(f"top-1 accuracy: {results['top1_accuracy']:.2f}% over {results['counts']['labeled']} images")
+    with output_dir(args.out, command="evaluate", overwrite=args.overwrite) as out:
+        record_outputs(out, "evaluate", [RESULTS_JSON, RESULTS_MD, CURVES_PNG])
+        paths = write_results(results, out)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0

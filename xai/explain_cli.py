@@ -1,14 +1,17 @@
 """``mamba-jax explain``: explanation maps, figures and predictions for image files.
 
-    mamba-jax explain IMAGES... --out DIR [--checkpoint SRC] [--variant NAME]
+    mamba-jax explain IMAGES... --out DIR [--overwrite] [--checkpoint SRC] [--variant NAME]
         [--methods all|m1,m2] [--mode exact|official|both] [--batch-size N]
-        [--start-layer N] [--target CLASS] [--attention-layer N]
+        [--start-layer N] [--target CLASS] [--attention-layer N] [--debug]
 
 Writes to DIR, for each image ``<stem>``: ``<stem>_<method>_<mode>.npy`` (float32
 [grid_h, grid_w] maps), ``<stem>.png`` (the image and one overlay per method, one row per
 mode); with ``--attention-layer N`` also ``<stem>_attention_layer<N>.png`` for the first
 image (channels 0..3); and one ``predictions.json`` (top-5 classes per image). Every file is
-written atomically. Images go through the official evaluation transform
+written atomically (complete or absent). DIR must be new or empty: a rerun into the same folder
+is refused, unless ``--overwrite``, which first removes the files the earlier explain run wrote
+there (listed in its ``.mamba-jax-output.json``) and nothing else; DIR may never hold the input
+images. Images go through the official evaluation transform
 (``mamba_jax.preprocess``); batches have a fixed size (the last one is padded and the
 padding discarded) so each method compiles once.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
@@ -28,23 +32,21 @@ from tqdm import tqdm
 from mamba_jax import preprocess, to_unit, vim_apply
 from mamba_jax.config import VimConfig
 from xai import plot
-from xai.data import pad_batch
+from xai.data import IMAGE_EXTENSIONS, pad_batch
 from xai.hidden_attention import hidden_attention
 from xai.labels import class_names
 from xai.methods import METHODS, MODES, default_start_layer, explain
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the types torchvision's ImageFolder reads; other files are reported
 DEMO = "demo"
 ATTENTION_CHANNELS = 4
 TOP_K = 5
 PREDICTIONS = "predictions.json"
 
 
-class ExplainError(SystemExit):
-    """A user error: exits with status 1 and this one-line message (no traceback)."""
-
-    def __init__(self, message: str):
-        super().__init__(f"mamba-jax explain: error: {message}")
+class ExplainError(ValueError):
+    """A user error; ``python -m xai`` prints it as one line (``mamba-jax explain: error: ...``,
+    exit status 2, as every command's errors)."""
 
 
 # ------------------------------------------------------------------------ arguments
@@ -74,7 +76,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="Mamba-Attribution: recompute layers in the backward pass (less memory for large batches)")
     p.add_argument("--bf16", action="store_true",
                    help="bfloat16 projections (scan and residual stream stay float32; maps move by ~1%%)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created if needed)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder, new or empty (created if needed); a rerun into a non-empty folder is "
+                        "refused unless --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier `mamba-jax explain` run in --out (only the files it "
+                        "wrote; a folder holding anything else is refused)")
     p.set_defaults(run=run)
     return p
 
@@ -82,16 +89,24 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def find_images(sources) -> list[Path]:
     """Files as given, folders expanded to their image files (sorted by name); errors name the culprit."""
     found: list[Path] = []
+    notes: list[str] = []
     for src in map(Path, sources):
         if src.is_dir():
-            found.extend(sorted(f for f in src.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            files = sorted(f for f in src.iterdir() if f.is_file() and not f.name.startswith("."))
+            found.extend(f for f in files if f.suffix.lower() in IMAGE_SUFFIXES)
+            skipped = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+            if skipped:
+                notes.append(f"skipped {len(skipped)} file(s) in {src} that are not {'/'.join(IMAGE_SUFFIXES)} "
+                             f"images: {plot._listing(skipped, 6)}")
         elif src.is_file():
             found.append(src)
         else:
             raise ExplainError(f"no such file or folder: {src}")
     if not found:
         raise ExplainError(f"no images found in {', '.join(map(str, sources))} "
-                           f"(looked for {'/'.join(IMAGE_SUFFIXES)} files)")
+                           f"(looked for {'/'.join(IMAGE_SUFFIXES)} files)" + "".join(f"; {n}" for n in notes))
+    for note in notes:  # no file is skipped silently
+        print(f"mamba-jax explain: note: {note}", file=sys.stderr)
     stems: dict[str, Path] = {}
     for f in found:
         if f.stem in stems:
@@ -140,7 +155,31 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _save_json(path: Path, obj) -> None:
-    plot.atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"  # strict JSON: no NaN or Infinity
+    plot.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def output_names(files, methods, modes, attention_layer) -> list[str]:
+    """Every file name the command will write in --out; refuses names that would collide."""
+    names = [PREDICTIONS, plot.OUTPUT_MARKER]
+    for f in files:
+        names += [f"{f.stem}_{m}_{mode}.npy" for mode in modes for m in methods] + [f"{f.stem}.png"]
+    if attention_layer is not None:
+        names.append(f"{files[0].stem}_attention_layer{attention_layer}.png")
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ExplainError(f"two outputs would be named {n!r}: rename one of the images")
+        seen.add(n)
+    return names
+
+
+def check_finite(values: np.ndarray, what: str, chunk) -> None:
+    """Refuse to write a non-finite result; name the images it came from."""
+    bad = [f.name for f, v in zip(chunk, values) if not np.isfinite(v).all()]
+    if bad:
+        raise ExplainError(f"{what} is not finite (NaN or inf) for {', '.join(bad)}: nothing was written for "
+                           "them (damaged weights or images?)")
 
 
 def top_k(probs: np.ndarray, names, k: int = TOP_K) -> dict:
@@ -168,6 +207,11 @@ def run(args: argparse.Namespace) -> int:
     modes = MODES if args.mode == "both" else (args.mode,)
     if args.batch_size < 1:
         raise ExplainError(f"--batch-size must be at least 1, got {args.batch_size}")
+    output_names(files, methods, modes, args.attention_layer)
+    try:  # before any work: a bad --out must not cost a model load and a run
+        out = plot.check_output_dir(args.out, command="explain", overwrite=args.overwrite, inputs=files)
+    except plot.OutputDirError as e:
+        raise ExplainError(str(e)) from None
 
     config, params = load_model(args.checkpoint, args.variant)
     if config.num_cls_tokens != 1:
@@ -183,46 +227,54 @@ def run(args: argparse.Namespace) -> int:
         raise ExplainError(f"--attention-layer {args.attention_layer} is out of range: "
                            f"the model has {config.depth} layers (0..{config.depth - 1})")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = class_names(config)
-    bs = min(args.batch_size, len(files))  # no batch larger than the images need
-    dtype = jnp.bfloat16 if args.bf16 else None
-    rows: list[dict] = []
-    with tqdm(total=len(files), desc="explain", unit="image") as bar:
-        for b0 in range(0, len(files), bs):
-            chunk = files[b0:b0 + bs]
-            try:
-                x = np.stack([preprocess(f, config) for f in chunk])
-                x01 = [to_unit(f, config.img_size) for f in chunk]
-            except Exception as e:
-                raise ExplainError(f"cannot read image in {', '.join(map(str, chunk))}: {e}") from None
-            x = jnp.asarray(pad_batch(x, bs))
-            probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x, dtype=dtype), axis=-1))[: len(chunk)]
-            maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
-                                                  mode=mode, remat=args.remat, dtype=dtype))[: len(chunk)]
-                    for mode in modes for m in methods}
-            for i, f in enumerate(chunk):
+    with plot.output_dir(out, command="explain", overwrite=args.overwrite) as out:
+        names = class_names(config)
+        bs = min(args.batch_size, len(files))  # no batch larger than the images need
+        dtype = jnp.bfloat16 if args.bf16 else None
+        rows: list[dict] = []
+        with tqdm(total=len(files), desc="explain", unit="image") as bar:
+            for b0 in range(0, len(files), bs):
+                chunk = files[b0:b0 + bs]
+                try:
+                    x = np.stack([preprocess(f, config) for f in chunk])
+                    x01 = [to_unit(f, config.img_size) for f in chunk]
+                except Exception as e:
+                    raise ExplainError(f"cannot read image in {', '.join(map(str, chunk))}: {e}") from None
+                x = jnp.asarray(pad_batch(x, bs))
+                probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x, dtype=dtype), axis=-1))[: len(chunk)]
+                check_finite(probs, "the model's output", chunk)
+                maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
+                                                      mode=mode, remat=args.remat, dtype=dtype))[: len(chunk)]
+                        for mode in modes for m in methods}
                 for (mode, m), arr in maps.items():
-                    _save_npy(out / f"{f.stem}_{m}_{mode}.npy", arr[i])
-                top = top_k(probs[i], names)
-                rows.append({"image": f.name, "path": str(f), "top5": top})
-                title = f"{f.name}: {top['classes'][0]} ({top['probabilities'][0]:.2f})"
-                plot.modes_figure(x01[i], {mode: {m: maps[mode, m][i] for m in methods} for mode in modes},
-                                  out / f"{f.stem}.png", title=title)
-            bar.update(len(chunk))
+                    check_finite(arr, f"the {m} ({mode}) map", chunk)
+                for i, f in enumerate(chunk):
+                    # listed before they are written: a later --overwrite removes them, even half-done
+                    plot.record_outputs(out, "explain", [f"{f.stem}_{m}_{mode}.npy" for (mode, m) in maps]
+                                        + [f"{f.stem}.png"])
+                    for (mode, m), arr in maps.items():
+                        _save_npy(out / f"{f.stem}_{m}_{mode}.npy", arr[i])
+                    top = top_k(probs[i], names)
+                    rows.append({"image": f.name, "path": str(f), "top5": top})
+                    title = f"{f.name}: {top['classes'][0]} ({top['probabilities'][0]:.2f})"
+                    plot.modes_figure(x01[i], {mode: {m: maps[mode, m][i] for m in methods} for mode in modes},
+                                      out / f"{f.stem}.png", title=title)
+                bar.update(len(chunk))
 
-    if args.attention_layer is not None:
-        channels = list(range(min(ATTENTION_CHANNELS, config.d_inner)))
-        alpha = hidden_attention(config, params, jnp.asarray(preprocess(files[0], config))[None],
-                                 layers=[args.attention_layer], channels=channels)
-        plot.attention_matrices_figure(np.asarray(alpha[0, 0]), channels, args.attention_layer,
-                                       out / f"{files[0].stem}_attention_layer{args.attention_layer}.png",
-                                       cls_pos=config.cls_pos)
+        if args.attention_layer is not None:
+            channels = list(range(min(ATTENTION_CHANNELS, config.d_inner)))
+            alpha = hidden_attention(config, params, jnp.asarray(preprocess(files[0], config))[None],
+                                     layers=[args.attention_layer], channels=channels)
+            check_finite(np.asarray(alpha), "the hidden attention", files[:1])
+            name = f"{files[0].stem}_attention_layer{args.attention_layer}.png"
+            plot.record_outputs(out, "explain", [name])
+            plot.attention_matrices_figure(np.asarray(alpha[0, 0]), channels, args.attention_layer, out / name,
+                                           cls_pos=config.cls_pos)
 
-    _save_json(out / PREDICTIONS, {
-        "checkpoint": str(args.checkpoint), "model": config.name, "methods": list(methods), "modes": list(modes),
-        "start_layer": start, "target": args.target, "images": rows})
+        plot.record_outputs(out, "explain", [PREDICTIONS])
+        _save_json(out / PREDICTIONS, {
+            "checkpoint": str(args.checkpoint), "model": config.name, "methods": list(methods), "modes": list(modes),
+            "start_layer": start, "target": args.target, "images": rows})
     print_summary(rows)
     print(f"wrote {len(files)} image(s) x {len(methods)} method(s) x {len(modes)} mode(s) to {out}")
     return 0

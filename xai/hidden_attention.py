@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from mamba_jax import ssm
 from mamba_jax.config import VimConfig
-from mamba_jax.vim import vim_apply
+from mamba_jax.vim import check_images, vim_apply
 
 DEFAULT_BUDGET = 1 << 30
 
@@ -84,8 +84,20 @@ def per_layer(config: VimConfig, params, inter, layers, fn, axis: int = 0, first
 
 
 def _as_index(arg, n: int, what: str):
+    """0-based indices (negative ones count from the end) as an int32 array; a ValueError names
+    non-integer, empty, nested or out-of-range indices (values unchecked for tracers)."""
     if arg is None:
         return jnp.arange(n)
+    if not isinstance(arg, jax.core.Tracer):
+        import numpy as np
+
+        a = np.asarray(jax.device_get(arg))
+        if a.dtype == bool or not (np.issubdtype(a.dtype, np.integer) or a.size == 0):
+            raise ValueError(f"{what} must be integer indices, got {arg!r}")
+        if a.ndim > 1:
+            raise ValueError(f"{what} must be an int or a list of ints, got shape {a.shape}")
+        if a.size == 0:
+            raise ValueError(f"{what} is empty: pass at least one index, or None for all {n}")
     idx = jnp.atleast_1d(jnp.asarray(arg, jnp.int32))
     bad = [int(i) for i in jax.device_get(idx) if not -n <= int(i) < n] if not isinstance(
         idx, jax.core.Tracer) else []
@@ -141,6 +153,7 @@ def hidden_attention(config: VimConfig, params, images, *, layers=None, channels
     The result itself is B * n_layers * 2 * n_channels * L * L * 4 bytes (all of Vim-T for
     one image: 2.9 GB); use ``layers`` and ``channels`` or ``channel_mean_attention`` to keep it small.
     """
+    images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
     channels = _as_index(channels, config.d_inner, "channels")
     return _hidden_attention(config, params, images, layers, channels, budget, _first(layers))
@@ -234,6 +247,7 @@ def class_token_attention(config: VimConfig, params, images, *, layers=None, off
     """The class-token rows alone, [B, n_layers, n_branches, E, L], in original positions:
     ``alpha[..., cls_pos, :]`` of each branch without materializing L x L (O(E L N) per layer).
     ``official=True`` gives the official code's truncated rows instead (SPEC section 3)."""
+    images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
     return _cls_attention(config, params, images, layers, official, _first(layers))
 
@@ -249,5 +263,6 @@ def _channel_mean(config, params, images, layers, budget, first):
 def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET):
     """The channel mean of each layer's combined matrix w (alpha_fwd + alpha_bwd), [B, n_layers, L, L],
     computed chunk by chunk over channels (w: the mixer's branch weight, 1/2 for official Vim)."""
+    images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
     return _channel_mean(config, params, images, layers, budget, _first(layers))

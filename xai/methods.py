@@ -211,7 +211,7 @@ def check_target(config: VimConfig, target, n_images: int) -> None:
     shape = tuple(getattr(target, "shape", jnp.shape(target)))
     if len(shape) > 1 or (len(shape) == 1 and shape[0] != n_images):
         raise ValueError(f"target must be an int or one class per image ({n_images}), got shape {shape}")
-    if isinstance(target, jax.core.Tracer):
+    if isinstance(target, jax.core.Tracer) or not getattr(target, "is_fully_addressable", True):
         return
     import numpy as np
 
