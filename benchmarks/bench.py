@@ -31,9 +31,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from mamba_jax import init_params, official, vim_apply  # noqa: E402
+from mamba_jax.files import atomic_write  # noqa: E402
 from xai.hidden_attention import map_hidden_attention  # noqa: E402
 from xai.methods import METHODS, explain  # noqa: E402
-from xai.plot import atomic_write  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from mamba_jax import normalize, vim_apply  # noqa: E402
 from xai import explain  # noqa: E402
-from xai.demo import DEMO_START_LAYER, demo_model  # noqa: E402
+from xai.app.demo import DEMO_START_LAYER, demo_model  # noqa: E402
+from xai.eval.shapes import shapes_dataset01  # noqa: E402
 from xai.methods import METHODS, MODES  # noqa: E402
-from xai.shapes import shapes_dataset01  # noqa: E402
 
 
 def main():

@@ -25,10 +25,10 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import xai.methods as methods  # noqa: E402
-from xai.demo import DEMO_START_LAYER, demo_model  # noqa: E402
-from xai.evaluate import evaluate  # noqa: E402
-from xai.plot import atomic_write  # noqa: E402
-from xai.shapes import shapes_batches  # noqa: E402
+from mamba_jax.files import atomic_write  # noqa: E402
+from xai.app.demo import DEMO_START_LAYER, demo_model  # noqa: E402
+from xai.eval.evaluate import evaluate  # noqa: E402
+from xai.eval.shapes import shapes_batches  # noqa: E402
 
 CHOICES = ("output", "input")
 

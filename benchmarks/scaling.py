@@ -25,10 +25,10 @@ import jax  # noqa: E402
 from bench import timeit  # noqa: E402  (this folder)
 
 from mamba_jax import init_params, official  # noqa: E402
-from xai.demo import DEMO_CONFIG  # noqa: E402
+from mamba_jax.files import atomic_write  # noqa: E402
+from xai.app.demo import DEMO_CONFIG  # noqa: E402
 from xai.distributed import data_mesh, explain_sharded, predict_sharded  # noqa: E402
 from xai.methods import METHODS, default_start_layer  # noqa: E402
-from xai.plot import atomic_write  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
 

@@ -11,10 +11,10 @@ import argparse
 import json
 import sys
 
+from convert.errors import reported_errors
+
 
 def main(argv=None) -> int:
-    from xai.__main__ import reported_errors
-
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -55,7 +55,7 @@ def _main(argv) -> int:
         report = v.validate(args.src, args.images, variant=args.variant)
         print(v.format_report(report))
         if args.json:
-            from xai.plot import atomic_write
+            from mamba_jax.files import atomic_write
 
             try:
                 text = json.dumps(report, indent=1, allow_nan=False)

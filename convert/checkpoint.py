@@ -35,6 +35,7 @@ from convert.mapping import (
     state_dict_to_params,
 )
 from mamba_jax.config import VimConfig, official
+from mamba_jax.files import OUTPUT_MARKER, atomic_write
 
 # Default file of each official hub repository (SPEC section 1).
 HUB_FILES = {
@@ -47,7 +48,6 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
 _CKPT_SUFFIXES = _TORCH_SUFFIXES + (".safetensors",)
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
-OUTPUT_MARKER = ".mamba-jax-output.json"  # the same marker as the xai command lines' output folders
 
 
 # --------------------------------------------------------------------- reading
@@ -352,23 +352,13 @@ def export_state_dict(config: VimConfig, params, path, *, overwrite: bool = Fals
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     sd = params_to_state_dict(config, params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.numpy import save_file
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save
 
-            save_file(sd, tmp)
-        else:
-            import torch
+        atomic_write(path, lambda f: f.write(save(sd)))
+    else:
+        import torch
 
-            torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        state = {"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}
+        atomic_write(path, lambda f: torch.save(state, f))
     return path

@@ -2,7 +2,7 @@
 
 Every layer needs the same four choices (compute dtype, matmul precision, selective-scan
 method, rematerialization); they travel together as one ``Options`` from the public
-functions (``vim_apply``, ``xai.explain``, ``xai.evaluate``) down to the Flax modules, and
+functions (``vim_apply``, ``xai.explain``, ``xai.eval.evaluate``) down to the Flax modules, and
 are a single static argument under ``jax.jit``.
 """
 

@@ -100,3 +100,12 @@ def preprocess(image, config: VimConfig | None = None) -> np.ndarray:
     if config is not None and config.channels != 3:
         raise ValueError(f"preprocess makes RGB images; the config wants {config.channels} channels")
     return normalize(to_unit(image, size)).astype(np.float32)
+
+
+def pad_batch(x, size: int):
+    """Pad axis 0 to ``size`` by repeating the last row (NumPy or JAX arrays alike), so that every
+    batch has one shape and compiles once; callers drop the padded rows from their results."""
+    n = x.shape[0]
+    if n == size:
+        return x
+    return x[np.concatenate([np.arange(n), np.full(size - n, n - 1)])]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from xai import data
+from xai.eval import data
 
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from mamba_jax import normalize, vim_apply
-from xai.demo import DEMO_CONFIG, DEMO_START_LAYER, demo_model, run_demo
-from xai.evaluate import evaluate
+from xai.app.demo import DEMO_CONFIG, DEMO_START_LAYER, demo_model, run_demo
+from xai.eval.evaluate import evaluate
+from xai.eval.shapes import SHAPE_CLASSES, shapes_dataset01
 from xai.methods import METHODS, MODES, default_start_layer
-from xai.shapes import SHAPE_CLASSES, shapes_dataset01
 
 
 @pytest.fixture(scope="module")

@@ -35,8 +35,8 @@ SCRIPT = textwrap.dedent("""
     from xai.distributed import _sharded_predict
     predict_sharded(cfg, params, x, two)  # the compiled program is reused, not rebuilt per call
     assert _sharded_predict.cache_info().hits >= 1, _sharded_predict.cache_info()
-    from xai.evaluate import evaluate
-    from xai.shapes import shapes_dataset01
+    from xai.eval.evaluate import evaluate
+    from xai.eval.shapes import shapes_dataset01
     cfg2 = VimConfig(embed_dim=16, depth=2, img_size=224, patch_size=16, stride=16, num_classes=10)
     p2 = init_params(cfg2, jax.random.PRNGKey(0))
     im, lb, mk = shapes_dataset01(6, seed=5)

@@ -1,7 +1,7 @@
 """Tests of the evaluation loop, writers and command line (xai/evaluate.py).
 
 Hand-computable cases replace the classifier and the explanation methods by fakes
-(monkeypatched ``xai.evaluate.vim_apply`` / ``xai.evaluate.explain``) whose hits are
+(monkeypatched ``xai.eval.evaluate.vim_apply`` / ``xai.eval.evaluate.explain``) whose hits are
 known exactly; the real tiny random model checks padding invariance and the CLI.
 Exact equality is asserted throughout: hits are integers and the padded and unpadded
 runs compute every kept row with the same arithmetic.
@@ -18,7 +18,8 @@ import pytest
 
 import mamba_jax
 from mamba_jax import VimConfig
-from xai import evaluate as ev
+from xai.app import report
+from xai.eval import evaluate as ev
 
 TINY = VimConfig(embed_dim=16, depth=2, img_size=32, patch_size=8, stride=8, num_classes=5)  # 4 x 4 grid
 TINY224 = VimConfig(embed_dim=16, depth=2, img_size=224, patch_size=16, stride=16, num_classes=10)
@@ -178,16 +179,16 @@ def _flatten(tree, prefix=""):
 
 def test_writers(fakes, tmp_path):
     r = _fake_run()
-    paths = ev.write_results(r, tmp_path / "out")
+    paths = report.write_results(r, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [ev.RESULTS_JSON, ev.RESULTS_MD, ev.CURVES_PNG])  # no temporary files left behind
+        [report.RESULTS_JSON, report.RESULTS_MD, report.CURVES_PNG])  # no temporary files left behind
     assert json.loads(paths["json"].read_text()) == r
     assert paths["curves"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = paths["markdown"].read_text()
     assert "| rollout | exact | 56.00 | 39.00 | - | - | - |" in md
     assert "| random (baseline) | - |" in md and "| center (baseline) | - | 90.00 | 5.00 |" in md
     assert "different model and data" in md and "| Raw-Attention | 17.27 | 34.03 | 67.64 | 45.09 | 74.88 |" in md
-    ev.write_results(r, tmp_path / "out")  # overwriting is fine
+    report.write_results(r, tmp_path / "out")  # overwriting is fine
 
 
 # --------------------------------------------------------------------------- errors
@@ -244,7 +245,7 @@ def test_cli_shapes_end_to_end(checkpoints, tmp_path, capsys):
     rc = _cli(["--checkpoint", str(checkpoints / "m.pth"), "--shapes", "6", "--limit", "5", "--batch-size", "4",
                "--methods", "raw_attention", "--mode", "exact", "--out", str(out), "--no-progress"])
     assert rc == 0
-    r = json.loads((out / ev.RESULTS_JSON).read_text())
+    r = json.loads((out / report.RESULTS_JSON).read_text())
     assert list(r["rows"]) == ["raw_attention/exact", "random", "center"]
     assert r["counts"] == {"images": 5, "labeled": 5, "with_masks": 5, "batches": 2}
     assert r["settings"]["start_layer"] == 1  # round(15 * 2 / 24)
@@ -252,6 +253,6 @@ def test_cli_shapes_end_to_end(checkpoints, tmp_path, capsys):
     for row in r["rows"].values():
         assert row["segmentation"]["num_images"] == 5
         assert len(row["perturbation"]["positive"]["curve"]) == 10
-    assert (out / ev.CURVES_PNG).is_file() and (out / ev.RESULTS_MD).is_file()
+    assert (out / report.CURVES_PNG).is_file() and (out / report.RESULTS_MD).is_file()
     stdout = capsys.readouterr().out
     assert "| raw_attention | exact |" in stdout and "| center (baseline) |" in stdout

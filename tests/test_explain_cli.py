@@ -14,7 +14,7 @@ from convert.checkpoint import load_checkpoint, save_params
 from mamba_jax import VimConfig, init_params, preprocess, vim_apply
 from xai import explain
 from xai.__main__ import main
-from xai.explain_cli import find_images
+from xai.app.explain_cli import find_images
 from xai.methods import METHODS, MODES, default_start_layer
 
 CONFIG = VimConfig(embed_dim=16, depth=2, img_size=64, patch_size=16, stride=16, num_classes=5)

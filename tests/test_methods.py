@@ -136,9 +136,9 @@ def test_official_attribution_finite_where_the_last_layer_has_no_positive_attent
     last layer is <= 0 everywhere, so the official code's map is NaN (0 / 0 in its min-max);
     ours is finite and that layer contributes the identity to the rollout."""
     from mamba_jax import normalize
-    from xai.demo import DEMO_START_LAYER, demo_model
+    from xai.app.demo import DEMO_START_LAYER, demo_model
+    from xai.eval.shapes import shapes_dataset01
     from xai.hidden_attention import official_cls_vector, per_layer
-    from xai.shapes import shapes_dataset01
 
     config, params = demo_model()
     images01, _, _ = shapes_dataset01(12, seed=1000)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xai import metrics
-from xai.data import IMAGENET_MEAN, IMAGENET_STD
+from xai.eval import metrics
+from xai.eval.data import IMAGENET_MEAN, IMAGENET_STD
 
 # --------------------------------------------------------------------------- upsample
 
@@ -252,7 +252,7 @@ def test_segmentation_constant_map_and_streaming():
 def test_perturbation_reuses_unperturbed_predictions():
     import jax.numpy as jnp
 
-    from xai.metrics import perturbation_hits
+    from xai.eval.metrics import perturbation_hits
 
     calls = []
 

@@ -1,4 +1,4 @@
-"""xai.plot: overlay values worked out by hand, upsampling, figures written atomically."""
+"""xai.app.plot: overlay values worked out by hand, upsampling, figures written atomically."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
-from xai import plot
+from mamba_jax.files import atomic_write
+from xai.app import plot
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,8 +119,8 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        plot.atomic_write(target, broken)
+        atomic_write(target, broken)
     assert target.read_bytes() == b"old"
     _no_temp_files(tmp_path)
-    plot.atomic_write(target, lambda f: f.write(b"new"))
+    atomic_write(target, lambda f: f.write(b"new"))
     assert target.read_bytes() == b"new"

@@ -43,9 +43,10 @@ import xai  # noqa: E402
 from convert.__main__ import main as convert_main  # noqa: E402
 from convert.checkpoint import export_state_dict, save_params  # noqa: E402
 from mamba_jax import VimConfig, normalize, preprocess, vim_apply  # noqa: E402
-from xai import evaluate as ev  # noqa: E402
 from xai.__main__ import main as xai_main  # noqa: E402
-from xai.demo import demo_model  # noqa: E402
+from xai.app import report
+from xai.app.demo import demo_model  # noqa: E402
+from xai.eval import evaluate as ev  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY32 = VimConfig(embed_dim=16, depth=2, img_size=32, patch_size=8, stride=8, num_classes=5)
@@ -461,7 +462,7 @@ def _(ws):
 
 @case("E23", "explain where a method's map comes out NaN (finite weights; simulated)")
 def _(ws):
-    import xai.explain_cli as ec
+    import xai.app.explain_cli as ec
 
     photos = ws.photos()
     ws.freeze()
@@ -895,7 +896,7 @@ def _tiny_evaluate(images01, labels=None, **kw):
                        progress=False, **kw)
 
 
-@case("A21", "xai.evaluate.evaluate on images in 0..255")
+@case("A21", "xai.eval.evaluate.evaluate on images in 0..255")
 def _(ws):
     x = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
     o = api(lambda: _tiny_evaluate(x, start_layer=1)["rows"]["raw_attention/exact"]["perturbation"]["positive"]["auc"])
@@ -903,7 +904,7 @@ def _(ws):
     expect_api_error(o, ValueError, r"\[0, 1\]")
 
 
-@case("A22", "xai.evaluate.evaluate on images with a NaN pixel")
+@case("A22", "xai.eval.evaluate.evaluate on images with a NaN pixel")
 def _(ws):
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     x[1, 3, 3, 0] = np.nan
@@ -912,7 +913,7 @@ def _(ws):
     expect_api_error(o, ValueError, "not finite|NaN")
 
 
-@case("A23", 'xai.evaluate.evaluate(..., target="label") with label 7 of 5 classes')
+@case("A23", 'xai.eval.evaluate.evaluate(..., target="label") with label 7 of 5 classes')
 def _(ws):
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     o = api(lambda: _tiny_evaluate(x, np.array([1, 7]), target="label", start_layer=1)["counts"])
@@ -920,7 +921,7 @@ def _(ws):
     expect_api_error(o, ValueError, "label.*7.*5 classes")
 
 
-@case("A24", "xai.evaluate.evaluate with the default start_layer (a 2-layer model)")
+@case("A24", "xai.eval.evaluate.evaluate with the default start_layer (a 2-layer model)")
 def _(ws):
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     o = api(lambda: _tiny_evaluate(x)["settings"]["start_layer"])
@@ -929,10 +930,10 @@ def _(ws):
     assert o.value == 1
 
 
-@case("A37", "xai.evaluate.write_results of results holding a NaN")
+@case("A37", "xai.eval.evaluate.write_results of results holding a NaN")
 def _(ws):
     results = {"model": {}, "settings": {}, "counts": {}, "top1_accuracy": float("nan"), "steps": [], "rows": {}}
-    o = api(lambda: ev.write_results(results, ws.path("out")))
+    o = api(lambda: report.write_results(results, ws.path("out")))
     o.note = "results.json: " + (ws.path("out/results.json").read_text()[:60] if ws.path("out/results.json").exists()
                                  else "absent")
     yield o
@@ -940,7 +941,7 @@ def _(ws):
     assert not ws.path("out/results.json").exists()
 
 
-@case("A38", "xai.evaluate.evaluate where a method's map comes out NaN (simulated)")
+@case("A38", "xai.eval.evaluate.evaluate where a method's map comes out NaN (simulated)")
 def _(ws):
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
     with patched(ev, "explain", lambda config, params, images, *a, **k: jnp.full((images.shape[0], *config.grid),
@@ -1032,9 +1033,9 @@ def _(ws):
     expect_api_error(o, ValueError, "uint8")
 
 
-@case("A34", "xai.data.ImageNetVal on a flat folder with a .txt and a .gif beside the images")
+@case("A34", "xai.eval.data.ImageNetVal on a flat folder with a .txt and a .gif beside the images")
 def _(ws):
-    from xai.data import ImageNetVal
+    from xai.eval.data import ImageNetVal
 
     ws.photos("val", ("a.png", "b.jpg", "c.gif"))
     ws.text("val/readme.txt")

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from xai import shapes
-from xai.data import IMAGENET_MEAN, IMAGENET_STD
+from xai.eval import shapes
+from xai.eval.data import IMAGENET_MEAN, IMAGENET_STD
 
 SIZE = 64
 

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mamba_jax.config import VimConfig
-from xai.data import pad_batch
+from mamba_jax.preprocess import pad_batch
 from xai.methods import check_arguments, explain, resolve_start_layer
 
 try:  # jax >= 0.7 exposes shard_map at the top level

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xai.data import normalize
+from xai.eval.data import normalize
 
 SHAPE_CLASSES: tuple[str, ...] = (
     "circle",

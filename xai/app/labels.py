@@ -19,7 +19,7 @@ def imagenet_class_names() -> tuple[str, ...]:
 def class_names(config: VimConfig) -> tuple[str, ...]:
     """Names for the model's classes: the shapes of the demo model, ImageNet for 1000 classes,
     otherwise 'class i'."""
-    from xai.shapes import SHAPE_CLASSES
+    from xai.eval.shapes import SHAPE_CLASSES
 
     if config.name == "demo":
         return tuple(SHAPE_CLASSES)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xai.data import IMAGENET_MEAN, IMAGENET_STD, normalize
+from xai.eval.data import IMAGENET_MEAN, IMAGENET_STD, normalize
 
 # Fraction of pixels removed at each step; written as literals so that
 # int(k * H * W) is evaluated exactly as the reference's int(base_size * step).

@@ -30,15 +30,17 @@ from PIL import Image
 from tqdm import tqdm
 
 from mamba_jax import preprocess, to_unit, vim_apply
-from mamba_jax.config import VimConfig
-from xai import plot
-from xai.data import IMAGE_EXTENSIONS, pad_batch
+from mamba_jax.files import OUTPUT_MARKER, atomic_write, atomic_write_text
+from mamba_jax.preprocess import pad_batch
+from xai.app import plot
+from xai.app.files import OutputDirError, check_output_dir, listing, output_dir, record_outputs
+from xai.app.labels import class_names
+from xai.app.models import DEMO, load_model, parse_methods
+from xai.eval.data import IMAGE_EXTENSIONS
 from xai.hidden_attention import hidden_attention
-from xai.labels import class_names
 from xai.methods import METHODS, MODES, default_start_layer, explain
 
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the types torchvision's ImageFolder reads; other files are reported
-DEMO = "demo"
 ATTENTION_CHANNELS = 4
 TOP_K = 5
 PREDICTIONS = "predictions.json"
@@ -97,7 +99,7 @@ def find_images(sources) -> list[Path]:
             skipped = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
             if skipped:
                 notes.append(f"skipped {len(skipped)} file(s) in {src} that are not {'/'.join(IMAGE_SUFFIXES)} "
-                             f"images: {plot._listing(skipped, 6)}")
+                             f"images: {listing(skipped, 6)}")
         elif src.is_file():
             found.append(src)
         else:
@@ -123,45 +125,19 @@ def check_readable(path: Path) -> None:
         raise ExplainError(f"cannot read image {path}: {e}") from None
 
 
-def parse_methods(text: str) -> tuple[str, ...]:
-    if text.strip() == "all":
-        return METHODS
-    methods = tuple(m.strip() for m in text.split(",") if m.strip())
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ExplainError(f"unknown method {', '.join(map(repr, unknown)) or repr(text)}; "
-                           f"valid: all or a comma-separated list of {', '.join(METHODS)}")
-    return tuple(dict.fromkeys(methods))
-
-
-def load_model(checkpoint: str, variant: str | None) -> tuple[VimConfig, dict]:
-    if checkpoint == DEMO:
-        if variant is not None:
-            raise ExplainError("--variant does not apply to the demo model")
-        from xai.demo import demo_model
-
-        try:
-            return demo_model()
-        except FileNotFoundError as e:
-            raise ExplainError(str(e)) from None
-    from convert.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint, variant)
-
-
 # ------------------------------------------------------------------------- outputs
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    plot.atomic_write(path, lambda f: np.save(f, np.asarray(array, np.float32)))
+    atomic_write(path, lambda f: np.save(f, np.asarray(array, np.float32)))
 
 
 def _save_json(path: Path, obj) -> None:
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"  # strict JSON: no NaN or Infinity
-    plot.atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write_text(path, text)
 
 
 def output_names(files, methods, modes, attention_layer) -> list[str]:
     """Every file name the command will write in --out; refuses names that would collide."""
-    names = [PREDICTIONS, plot.OUTPUT_MARKER]
+    names = [PREDICTIONS, OUTPUT_MARKER]
     for f in files:
         names += [f"{f.stem}_{m}_{mode}.npy" for mode in modes for m in methods] + [f"{f.stem}.png"]
     if attention_layer is not None:
@@ -209,8 +185,8 @@ def run(args: argparse.Namespace) -> int:
         raise ExplainError(f"--batch-size must be at least 1, got {args.batch_size}")
     output_names(files, methods, modes, args.attention_layer)
     try:  # before any work: a bad --out must not cost a model load and a run
-        out = plot.check_output_dir(args.out, command="explain", overwrite=args.overwrite, inputs=files)
-    except plot.OutputDirError as e:
+        out = check_output_dir(args.out, command="explain", overwrite=args.overwrite, inputs=files)
+    except OutputDirError as e:
         raise ExplainError(str(e)) from None
 
     config, params = load_model(args.checkpoint, args.variant)
@@ -227,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
         raise ExplainError(f"--attention-layer {args.attention_layer} is out of range: "
                            f"the model has {config.depth} layers (0..{config.depth - 1})")
 
-    with plot.output_dir(out, command="explain", overwrite=args.overwrite) as out:
+    with output_dir(out, command="explain", overwrite=args.overwrite) as out:
         names = class_names(config)
         bs = min(args.batch_size, len(files))  # no batch larger than the images need
         dtype = jnp.bfloat16 if args.bf16 else None
@@ -250,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
                     check_finite(arr, f"the {m} ({mode}) map", chunk)
                 for i, f in enumerate(chunk):
                     # listed before they are written: a later --overwrite removes them, even half-done
-                    plot.record_outputs(out, "explain", [f"{f.stem}_{m}_{mode}.npy" for (mode, m) in maps]
+                    record_outputs(out, "explain", [f"{f.stem}_{m}_{mode}.npy" for (mode, m) in maps]
                                         + [f"{f.stem}.png"])
                     for (mode, m), arr in maps.items():
                         _save_npy(out / f"{f.stem}_{m}_{mode}.npy", arr[i])
@@ -267,11 +243,11 @@ def run(args: argparse.Namespace) -> int:
                                      layers=[args.attention_layer], channels=channels)
             check_finite(np.asarray(alpha), "the hidden attention", files[:1])
             name = f"{files[0].stem}_attention_layer{args.attention_layer}.png"
-            plot.record_outputs(out, "explain", [name])
+            record_outputs(out, "explain", [name])
             plot.attention_matrices_figure(np.asarray(alpha[0, 0]), channels, args.attention_layer, out / name,
                                            cls_pos=config.cls_pos)
 
-        plot.record_outputs(out, "explain", [PREDICTIONS])
+        record_outputs(out, "explain", [PREDICTIONS])
         _save_json(out / PREDICTIONS, {
             "checkpoint": str(args.checkpoint), "model": config.name, "methods": list(methods), "modes": list(modes),
             "start_layer": start, "target": args.target, "images": rows})

@@ -1,8 +1,8 @@
 """Train the embedded demo model: a small Vim on the procedural shapes, with optax.
 
-    python -m xai.train_demo --out xai/assets/demo_vim.npz          # ~5 min on one H200
+    python -m xai.app.train_demo --out xai/assets/demo_vim.npz          # ~5 min on one H200
 
-Training images come from ``xai.shapes`` with seed 0 (an endless stream rendered on the
+Training images come from ``xai.eval.shapes`` with seed 0 (an endless stream rendered on the
 device); the held-out set is seed 1 (never seen in training). The script prints the loss
 and held-out accuracy as it goes and writes the weights (float32 npz, atomically) and a
 JSON log next to them.
@@ -14,7 +14,6 @@ import argparse
 import functools
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,8 +23,9 @@ import numpy as np
 import optax
 
 from mamba_jax import init_params, vim_apply
-from xai.demo import DEMO_CONFIG, flatten, unflatten
-from xai.shapes import shapes_batches, shapes_dataset
+from mamba_jax.files import atomic_write, atomic_write_text
+from xai.app.demo import DEMO_CONFIG, flatten, unflatten
+from xai.eval.shapes import shapes_batches, shapes_dataset
 
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
 
@@ -124,11 +124,9 @@ def main(argv=None):
     print(f"final held-out accuracy: {held:.4f} after {done} steps", flush=True)
 
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp.npz")
-    np.savez_compressed(tmp, **flatten(jax.device_get(params)))
-    os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps(log, indent=1))
+    flat = flatten(jax.device_get(params))
+    atomic_write(out, lambda f: np.savez_compressed(f, **flat))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(log, indent=1, allow_nan=False))
     print(f"wrote {out} ({out.stat().st_size / 1e6:.2f} MB)", flush=True)
 
 

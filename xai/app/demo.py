@@ -42,7 +42,7 @@ def demo_model() -> tuple[VimConfig, dict]:
     ref = resources.files("xai").joinpath(WEIGHTS)
     if not ref.is_file():
         raise FileNotFoundError(f"the demo weights {WEIGHTS} are missing from the xai package; "
-                                "train them with `python -m xai.train_demo`")
+                                "train them with `python -m xai.app.train_demo`")
     with np.load(io.BytesIO(ref.read_bytes())) as data:
         return DEMO_CONFIG, unflatten(dict(data))
 
@@ -58,12 +58,13 @@ def run_demo(out_dir="out/demo", *, n_eval: int = 32, n_show: int = 4, batch_siz
 
     from mamba_jax import normalize, vim_apply
     from xai import explain
-    from xai.evaluate import evaluate, markdown_table, write_results
+    from xai.app.labels import class_names
+    from xai.app.plot import attention_matrices_figure, modes_figure
+    from xai.app.report import markdown_table, write_results
+    from xai.eval.evaluate import evaluate
+    from xai.eval.shapes import shapes_batches, shapes_dataset01
     from xai.hidden_attention import hidden_attention
-    from xai.labels import class_names
     from xai.methods import METHODS, MODES
-    from xai.plot import attention_matrices_figure, modes_figure
-    from xai.shapes import shapes_batches, shapes_dataset01
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -51,15 +51,6 @@ _WNID = re.compile(r"n\d{8}")
 # The official evaluation transform lives in mamba_jax.preprocess (imported above).
 
 
-def pad_batch(x, size: int):
-    """Pad axis 0 to ``size`` by repeating the last row (NumPy or JAX arrays alike), so that every
-    batch has one shape and compiles once; callers drop the padded rows from their results."""
-    n = x.shape[0]
-    if n == size:
-        return x
-    return x[np.concatenate([np.arange(n), np.full(size - n, n - 1)])]
-
-
 def load_image01(path_or_pil, size: int = 224) -> np.ndarray:
     """The official evaluation transform without normalization: float32 [size, size, 3]."""
     return to_unit(path_or_pil, size)
