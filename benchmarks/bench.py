@@ -32,10 +32,13 @@ import jax.numpy as jnp  # noqa: E402
 
 from mamba_jax import init_params, official, vim_apply  # noqa: E402
 from mamba_jax.files import atomic_write  # noqa: E402
+from mamba_jax.options import Options  # noqa: E402
 from xai.hidden_attention import map_hidden_attention  # noqa: E402
 from xai.methods import METHODS, explain  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
+
+BF16 = Options(dtype=jnp.bfloat16)
 
 
 def log(*a):
@@ -92,8 +95,8 @@ def bench_model(name, batches, args, rows):
             continue
         images = jax.random.normal(jax.random.PRNGKey(B), (B, config.img_size, config.img_size, 3))
         for scan in args.scans:
-            fwd = jax.jit(lambda p, x, scan=scan: vim_apply(config, p, x, scan_method=scan,
-                                                             precision=args.precision))
+            opts = Options(scan_method=scan, precision=args.precision)
+            fwd = jax.jit(lambda p, x, opts=opts: vim_apply(config, p, x, options=opts))
             try:
                 t, peak, tc = measure(fwd, params, images, reps=args.reps)
                 row = dict(model=name, batch=B, work="forward", scan=scan, seconds=t, img_per_s=B / t,
@@ -112,8 +115,9 @@ def bench_model(name, batches, args, rows):
                 for scan, remat in ((s, r) for s in args.scans for r in remats):
                     if over_budget(args, f"{method}/{mode} {name} B={B} {scan}"):
                         continue
-                    fn = jax.jit(lambda p, x, method=method, mode=mode, scan=scan, remat=remat: explain(
-                        config, p, x, method, start_layer=start, mode=mode, scan_method=scan, remat=remat))
+                    opts = Options(scan_method=scan, remat=remat)
+                    fn = jax.jit(lambda p, x, method=method, mode=mode, opts=opts: explain(
+                        config, p, x, method, start_layer=start, mode=mode, options=opts))
                     try:
                         t, peak, tc = measure(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
                         work = f"{method}/{mode}" + (" remat" if remat else "")
@@ -156,26 +160,27 @@ def bench_bf16(rows, reps, report):
     params = init_params(config, jax.random.PRNGKey(0))
     images = jax.random.normal(jax.random.PRNGKey(7), (128, 224, 224, 3))
     for dtype in (None, jnp.bfloat16):
-        fwd = jax.jit(lambda p, x, dtype=dtype: vim_apply(config, p, x, precision=None, dtype=dtype))
+        opts = Options(precision=None, dtype=dtype)
+        fwd = jax.jit(lambda p, x, opts=opts: vim_apply(config, p, x, options=opts))
         t, peak, tc = measure(fwd, params, images, reps=reps)
         rows.append(dict(model="small", batch=128, work=f"forward {'bf16' if dtype else 'f32 (tf32 matmuls)'}",
                          scan="auto", seconds=t, img_per_s=128 / t, peak_gib=peak, compile_s=tc))
         log(_fmt(rows[-1]))
     fn = jax.jit(lambda p, x: explain(config, p, x, "mamba_attribution", start_layer=15, mode="official",
-                                      dtype=jnp.bfloat16))
+                                      options=BF16))
     t, peak, tc = measure(fn, params, images, reps=max(3, reps // 2), warmup=1)
     rows.append(dict(model="small", batch=128, work="mamba_attribution/official bf16", scan="auto", seconds=t,
                      img_per_s=128 / t, peak_gib=peak, compile_s=tc))
     log(_fmt(rows[-1]))
     x = images[:16]
     l32 = vim_apply(config, params, x)
-    l16 = vim_apply(config, params, x, dtype=jnp.bfloat16)
+    l16 = vim_apply(config, params, x, options=BF16)
     report["bf16_logits_max_abs_diff_rel_to_max"] = float(jnp.abs(l32 - l16).max() / jnp.abs(l32).max())
     report["bf16_top1_agreement"] = float((l32.argmax(-1) == l16.argmax(-1)).mean())
     for method in METHODS:  # official mode only here (exact: benchmarks/bf16_effect.py, on the CPU)
         for mode in ("official",):
             a = explain(config, params, x, method, mode=mode)
-            b = explain(config, params, x, method, mode=mode, dtype=jnp.bfloat16)
+            b = explain(config, params, x, method, mode=mode, options=BF16)
             report[f"bf16_{method}_{mode}_map_max_abs_diff_rel_to_max"] = float(jnp.abs(a - b).max() / jnp.abs(a).max())
     log("bf16 effect:", json.dumps(report, indent=1))
 

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax.numpy as jnp  # noqa: E402
 
 from mamba_jax import normalize, vim_apply  # noqa: E402
+from mamba_jax.options import Options  # noqa: E402
 from xai import explain  # noqa: E402
 from xai.app.demo import DEMO_START_LAYER, demo_model  # noqa: E402
 from xai.eval.shapes import shapes_dataset01  # noqa: E402
@@ -23,7 +24,7 @@ def main():
     images01, labels, _ = shapes_dataset01(64, seed=1000)
     x = normalize(images01)
     l32 = vim_apply(config, params, x)
-    l16 = vim_apply(config, params, x, dtype=jnp.bfloat16)
+    l16 = vim_apply(config, params, x, options=Options(dtype=jnp.bfloat16))
     report = {
         "logits_max_abs_diff_rel_to_max": float(jnp.abs(l32 - l16).max() / jnp.abs(l32).max()),
         "top1_agreement": float((l32.argmax(-1) == l16.argmax(-1)).mean()),
@@ -33,7 +34,8 @@ def main():
     for method in METHODS:
         for mode in MODES:
             a = explain(config, params, x[:8], method, start_layer=DEMO_START_LAYER, mode=mode)
-            b = explain(config, params, x[:8], method, start_layer=DEMO_START_LAYER, mode=mode, dtype=jnp.bfloat16)
+            b = explain(config, params, x[:8], method, start_layer=DEMO_START_LAYER, mode=mode,
+                        options=Options(dtype=jnp.bfloat16))
             report[f"{method}/{mode} max |map diff| / max map"] = float(jnp.abs(a - b).max() / jnp.abs(a).max())
     print(json.dumps(report, indent=1))
 

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from convert.checkpoint import load_checkpoint  # noqa: E402
 from convert.reference import VimReference, attention_rollout, mamba_attribution, raw_attention  # noqa: E402
 from mamba_jax import official, vim_apply  # noqa: E402
+from mamba_jax.options import Options  # noqa: E402
 from xai.methods import explain  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def main(argv=None):
             ref_logits = ref(xt).cpu().numpy()
         r = {}
         for scan in ("pallas", "associative"):
-            logits = np.asarray(vim_apply(config, params, x, scan_method=scan))
+            logits = np.asarray(vim_apply(config, params, x, options=Options(scan_method=scan)))
             r[f"logits_{scan}_max_abs_rel_to_max"] = float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max())
         for method, fn in (("raw_attention", raw_attention), ("rollout", attention_rollout),
                            ("mamba_attribution", mamba_attribution)):

@@ -14,8 +14,8 @@ chunk=16, num_warps=None, num_stages=None, save_states=False,
 interpret=False)`` returns ``y`` of shape ``[B, L, E]`` (float32) and is
 differentiable (``jax.custom_vjp``) with respect to every array argument.
 
-``selective_scan_ref(u, dt, A, B, C, D, dt_bias, z=None)`` is the plain
-``lax.scan`` reference used by the tests.
+``selective_scan_ref(u, dt, A, B, C, D, dt_bias, z=None)`` is the kernel's signature over
+the sequential oracle ``ssm.scan_sequential``, for the tests.
 
 Kernel design
 -------------
@@ -460,22 +460,14 @@ def selective_scan_pallas(u, dt, A, B, C, D, dt_bias, z=None, *, block_e=32,
 # Reference.
 # --------------------------------------------------------------------------
 def selective_scan_ref(u, dt, A, B, C, D, dt_bias, z=None):
-    """Sequential ``lax.scan`` reference of the selective scan (float32)."""
+    """The kernel's signature over the project's one oracle, ``ssm.scan_sequential`` (vmapped
+    over the batch): softplus(dt + dt_bias), the sequential scan, the D skip, the gate."""
+    from mamba_jax import ssm
+
     f32 = lambda x: jnp.asarray(x, _F32)
     u, dt, A, B, C, D, dt_bias = map(f32, (u, dt, A, B, C, D, dt_bias))
     delta = jax.nn.softplus(dt + dt_bias)  # [B, L, E]
-
-    def step(h, xs):
-        d_t, u_t, B_t, C_t = xs  # [B,E], [B,E], [B,N], [B,N]
-        h = (jnp.exp(d_t[..., None] * A) * h
-             + (d_t * u_t)[..., None] * B_t[:, None, :])
-        return h, jnp.einsum("ben,bn->be", h, C_t)
-
-    Bsz, L, E = u.shape
-    h0 = jnp.zeros((Bsz, E, A.shape[1]), _F32)
-    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (delta, u, B, C))
-    _, ys = lax.scan(step, h0, xs)
-    y = jnp.swapaxes(ys, 0, 1) + u * D
+    y = jax.vmap(ssm.scan_sequential, in_axes=(0, 0, None, 0, 0, None))(u, delta, A, B, C, D)
     if z is not None:
         y = y * jax.nn.silu(f32(z))
     return y

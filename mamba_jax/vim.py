@@ -4,7 +4,7 @@ The modules only own parameters; the mathematics lives in ``ssm.py``. Parameter
 names follow the official state dict (``patch_embed.proj``, ``layers.i.norm``,
 ``layers.i.mixer.in_proj`` ...); the blocks are stacked along a leading ``depth``
 axis under ``params["layers"]`` and run with ``jax.lax.scan`` (one compiled layer body;
-two scans when the first layers are run uncaptured, see ``capture_from``).
+two scans when the first layers are run uncaptured, see ``start_layer``).
 
 Code name -> paper / official name:
     residual  the residual stream entering a block's norm (``residual`` in the
@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from mamba_jax import ssm
 from mamba_jax.config import VimConfig
+from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
+from mamba_jax.options import Options
 
 Params = Any
 
@@ -110,12 +112,15 @@ def _scan_batch(u, delta, A, B, C, D, method):
 
 
 class Mixer(nn.Module):
-    """The (bidirectional) Mamba mixer of one block: [B, L, D] -> ([B, L, D], intermediates)."""
+    """The (bidirectional) Mamba mixer of one block: h [B, L, D] -> (out [B, L, D], intermediates).
+
+    ``capture``: the intermediates hold the pre-gate scan output ``y`` too (the fused Pallas
+    path then applies the gate outside the kernel, so every scan path has the same keys).
+    """
 
     config: VimConfig
-    scan_method: str = "auto"
-    precision: Any = None
-    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
+    options: Options = DEFAULT_OPTIONS
+    capture: bool = False
 
     def branch_inputs(self, x, s: str):
         """conv1d{s} -> silu -> x_proj{s} -> dt_proj{s}: u, dt, B, C, A, D (delta = softplus(dt)).
@@ -126,9 +131,10 @@ class Mixer(nn.Module):
         cfg = self.config
         E, N, R = cfg.d_inner, cfg.d_state, cfg.rank
         u = nn.silu(CausalConv1d(cfg.d_conv, name=f"conv1d{s}")(x))
-        x_dbl = nn.Dense(R + 2 * N, use_bias=False, precision=self.precision, dtype=self.dtype, name=f"x_proj{s}")(u)
+        o = self.options
+        x_dbl = nn.Dense(R + 2 * N, use_bias=False, precision=o.precision, dtype=o.dtype, name=f"x_proj{s}")(u)
         dt_low, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-        dt = nn.Dense(E, precision=self.precision, dtype=self.dtype, kernel_init=_uniform(R ** -0.5),
+        dt = nn.Dense(E, precision=o.precision, dtype=o.dtype, kernel_init=_uniform(R ** -0.5),
                       bias_init=_dt_bias_init, name=f"dt_proj{s}")(dt_low)
         A_log = self.param("A_b_log" if s else "A_log", _a_log_init, (E, N))
         D = self.param("D" + s, nn.initializers.ones, (E,))
@@ -138,23 +144,28 @@ class Mixer(nn.Module):
         """The gated scan output y * silu(z) and the branch's intermediates."""
         u, dt, B, C, z = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (u, dt, B, C, z))
         delta = jax.nn.softplus(dt)
-        method = ssm.resolve_scan(self.scan_method, u.shape[0])
+        method = ssm.resolve_scan(self.options.scan_method, u.shape[0])
+        caps = dict(u=u, delta=delta, B=B, C=C, z=z)
         if method == "pallas":
-            # fused GPU kernel: softplus, discretization, D skip and gate in one pass; it
-            # does not expose the pre-gate y (interpret mode off the GPU, for tests)
+            # fused GPU kernel: softplus, discretization, D skip (and, unless the pre-gate y is
+            # captured, the gate) in one pass; interpret mode off the GPU, for tests
             from mamba_jax.pallas_scan import selective_scan_pallas
 
-            out = selective_scan_pallas(u, dt, A, B, C, D, jnp.zeros_like(D), z, block_e=64, num_warps=4,
-                                        interpret=jax.default_backend() != "gpu")
-            return out, dict(u=u, delta=delta, B=B, C=C, z=z)
-        y = _scan_batch(u, delta, A, B, C, D, method)
-        return y * nn.silu(z), dict(u=u, delta=delta, B=B, C=C, z=z, y=y)
+            scan = functools.partial(selective_scan_pallas, u, dt, A, B, C, D, jnp.zeros_like(D), block_e=64,
+                                     num_warps=4, interpret=jax.default_backend() != "gpu")
+            if not self.capture:
+                return scan(z=z), caps
+            y = scan()
+        else:
+            y = _scan_batch(u, delta, A, B, C, D, method)
+        return y * nn.silu(z), dict(caps, y=y)
 
     @nn.compact
     def __call__(self, h):
         cfg = self.config
         E = cfg.d_inner
-        xz = nn.Dense(2 * E, use_bias=False, precision=self.precision, dtype=self.dtype, name="in_proj")(h)
+        o = self.options
+        xz = nn.Dense(2 * E, use_bias=False, precision=o.precision, dtype=o.dtype, name="in_proj")(h)
         x, z = xz[..., :E], xz[..., E:]
         flip = functools.partial(jnp.flip, axis=-2)
 
@@ -172,8 +183,7 @@ class Mixer(nn.Module):
             A_b = -jnp.exp(self.param("A_b_log", _a_log_init, (E, cfg.d_state)))
             out_b, caps["bwd"] = self.branch(flip(u), flip(dt), flip(B), flip(C), A_b, D, flip(z))
             out = out + flip(out_b)  # the official v1 path never divides by 2
-        out = nn.Dense(cfg.embed_dim, use_bias=False, precision=self.precision, dtype=self.dtype,
-                       name="out_proj")(out)
+        out = nn.Dense(cfg.embed_dim, use_bias=False, precision=o.precision, dtype=o.dtype, name="out_proj")(out)
         return out.astype(jnp.promote_types(out.dtype, jnp.float32)), caps
 
 
@@ -185,9 +195,7 @@ class Block(nn.Module):
     """
 
     config: VimConfig
-    scan_method: str = "auto"
-    precision: Any = None
-    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
+    options: Options = DEFAULT_OPTIONS
     capture: bool = False
 
     @nn.compact
@@ -195,21 +203,20 @@ class Block(nn.Module):
         residual, m = carry
         residual = residual + m + perturb
         h = make_norm(self.config, "norm")(residual)
-        m, caps = Mixer(self.config, self.scan_method, self.precision, self.dtype, name="mixer")(h)
+        m, caps = Mixer(self.config, self.options, self.capture, name="mixer")(h)
         out = {"residual": residual, **caps} if self.capture else None
         return (residual, m), out
 
 
 class PatchEmbed(nn.Module):
     config: VimConfig
-    precision: Any = None
-    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
+    options: Options = DEFAULT_OPTIONS
 
     @nn.compact
     def __call__(self, images):
         cfg = self.config
         x = nn.Conv(cfg.embed_dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.stride, cfg.stride),
-                    padding="VALID", precision=self.precision, dtype=self.dtype, name="proj")(images)
+                    padding="VALID", precision=self.options.precision, dtype=self.options.dtype, name="proj")(images)
         return x.reshape(x.shape[0], -1, cfg.embed_dim)  # row-major over the grid
 
 
@@ -217,28 +224,25 @@ class VisionMamba(nn.Module):
     """The Vim classifier: NHWC images -> (logits, intermediates).
 
     ``intermediates`` is empty unless ``capture``; then it holds, stacked over the layers
-    ``capture_from .. depth - 1`` (n of them): ``residual`` [n, B, L, D], and per branch
+    ``start_layer .. depth - 1`` (n of them): ``residual`` [n, B, L, D], and per branch
     ``fwd`` / ``bwd`` the scan inputs ``u, delta, z, y`` [n, B, L, E] and ``B, C``
     [n, B, L, N]; plus ``tokens`` [B, L, D] (embedded input) and ``final`` [B, L, D]
     (after ``norm_f``). ``perturb`` [n + 1, B, L, D]: entry i is added to the residual stream
-    r_{capture_from + i} entering layer capture_from + i, the last entry to r_depth, the
-    residual stream entering ``norm_f``. The layers before ``capture_from`` run as a separate
+    r_{start_layer + i} entering layer start_layer + i, the last entry to r_depth, the
+    residual stream entering ``norm_f``. The layers before ``start_layer`` run as a separate
     scan whose output does not depend on ``perturb``: a gradient with respect to ``perturb``
     does not pass back through them.
     """
 
     config: VimConfig
-    scan_method: str = "auto"
-    precision: Any = None
-    dtype: Any = None  # matmul compute dtype (None = float32); the scan is always float32
+    options: Options = DEFAULT_OPTIONS
     capture: bool = False
-    capture_from: int = 0  # the first layer captured and perturbed
-    remat: bool = False  # recompute each captured layer's internals in the backward pass
+    start_layer: int = 0  # the first layer captured and perturbed
 
     @nn.compact
     def __call__(self, images, perturb=None):
         cfg = self.config
-        x = PatchEmbed(cfg, self.precision, self.dtype, name="patch_embed")(images)
+        x = PatchEmbed(cfg, self.options, name="patch_embed")(images)
         Bsz, M, Dm = x.shape
 
         def token(name):
@@ -255,7 +259,7 @@ class VisionMamba(nn.Module):
         # residual_in_fp32: the residual stream is at least float32 (float64 stays float64)
         tokens = x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-        block = functools.partial(Block, cfg, self.scan_method, self.precision, self.dtype, parent=None)
+        block = functools.partial(Block, cfg, self.options, parent=None)
         carry = (tokens, jnp.zeros_like(tokens))
         no_perturb = jnp.zeros((1, 1, 1), tokens.dtype)
 
@@ -276,18 +280,19 @@ class VisionMamba(nn.Module):
                 body = jax.checkpoint(body)
             return jax.lax.scan(body, carry, (segment, perturb))
 
-        k = self.capture_from
+        k = self.start_layer
         if k:  # layers before k: no capture and no perturbation (a gradient wrt perturb stops at k)
             carry, _ = run(0, k, carry, None, False)
         layer_perturb = final_perturb = None
         if perturb is not None:  # entries for r_k .. r_{depth-1}, and r_depth (entering norm_f)
             layer_perturb, final_perturb = perturb[:-1], perturb[-1]
-        (residual, m), caps = run(k, cfg.depth, carry, layer_perturb, self.capture, self.remat)
+        (residual, m), caps = run(k, cfg.depth, carry, layer_perturb, self.capture, self.options.remat)
         residual = residual + m  # r_depth, the residual stream entering norm_f
         if final_perturb is not None:
             residual = residual + final_perturb
         final = make_norm(cfg, "norm_f")(residual)
-        head = nn.Dense(cfg.num_classes, precision=self.precision, dtype=self.dtype, kernel_init=_trunc_normal,
+        head = nn.Dense(cfg.num_classes, precision=self.options.precision, dtype=self.options.dtype,
+                        kernel_init=_trunc_normal,
                         name="head")
 
         if cfg.cls_token != "none":
@@ -365,36 +370,35 @@ def init_params(config: VimConfig, key: jax.Array) -> Params:
     return jax.jit(model.init)(key, images)["params"]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "capture", "capture_from", "remat", "scan_method",
-                                             "precision", "dtype"))
+@functools.partial(jax.jit, static_argnames=("config", "capture", "start_layer", "options"))
 def vim_apply(config: VimConfig, params: Params, images, *, capture: bool = False, perturb=None,
-              capture_from: int = 0, remat: bool = False, scan_method: str = "auto",
-              precision: str | None = "highest", dtype=None):
-    """Run the classifier on normalized float32 NHWC ``images``.
+              start_layer: int = 0, options: Options | None = None):
+    """Run the classifier on normalized float32 NHWC ``images`` [B, H, W, C].
 
     Returns ``logits`` [B, num_classes] (per-token [B, L, classes] for final_pool="all"),
     or ``(logits, intermediates)`` when ``capture`` (layout: ``VisionMamba``).
-    ``perturb`` [depth - capture_from + 1, B, L, D] (optional) is added to the residual
-    streams r_capture_from .. r_depth (r_l enters block l's norm; r_depth enters ``norm_f``):
+    ``perturb`` [depth - start_layer + 1, B, L, D] (optional) is added to the residual
+    streams r_start_layer .. r_depth (r_l enters block l's norm; r_depth enters ``norm_f``):
     its gradient at zero is the gradient with respect to those residual streams.
-    ``capture_from`` (default 0): layers before it are
-    neither captured nor perturbed, which saves their memory and, under ``jax.grad`` with
-    respect to ``perturb``, their backward pass. ``remat``: under a gradient, recompute each
-    layer from ``capture_from`` on in the backward pass instead of keeping its internals
-    (``jax.checkpoint``; less memory, one more forward pass of those layers).
-    ``precision`` is the matmul precision ("highest" = true float32, no TF32). ``dtype``
-    (e.g. ``jnp.bfloat16``) runs the projections in that dtype; the residual stream, norms and
-    the scan stay float32, and so do the logits.
+    ``start_layer`` (default 0): layers before it are neither captured nor perturbed, which
+    saves their memory and, under ``jax.grad`` with respect to ``perturb``, their backward pass.
+    ``options`` (``mamba_jax.options.Options``; default: float32, matmul precision "highest",
+    scan "auto", no remat) sets how it computes: the projections' dtype (the residual stream,
+    norms, scan and logits stay float32), the matmul precision, the scan, and ``remat``
+    (under a gradient, recompute each layer from ``start_layer`` on in the backward pass).
     """
     images = check_images(config, images)
-    if not 0 <= capture_from < config.depth:
-        raise ValueError(f"capture_from {capture_from} is outside the model's {config.depth} layers")
+    options = DEFAULT_OPTIONS if options is None else options
+    if not isinstance(options, Options):
+        raise TypeError(f"options must be a mamba_jax.options.Options, got {type(options).__name__}")
+    if not 0 <= start_layer < config.depth:
+        raise ValueError(f"start_layer {start_layer} is outside the model's {config.depth} layers")
     if perturb is not None:
-        want = (config.depth - capture_from + 1, images.shape[0], config.seq_len, config.embed_dim)
+        want = (config.depth - start_layer + 1, images.shape[0], config.seq_len, config.embed_dim)
         if tuple(perturb.shape) != want:
-            raise ValueError(f"perturb must have shape {want} (residual streams {capture_from}..{config.depth}, "
+            raise ValueError(f"perturb must have shape {want} (residual streams {start_layer}..{config.depth}, "
                              f"batch, tokens, embed_dim), got {tuple(perturb.shape)}")
-    model = VisionMamba(config, scan_method, precision, dtype, capture, capture_from, remat)
+    model = VisionMamba(config, options, capture, start_layer)
     logits, inter = model.apply({"params": params}, images, perturb)
     logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
     return (logits, inter) if capture else logits

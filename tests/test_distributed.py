@@ -43,7 +43,17 @@ SCRIPT = textwrap.dedent("""
     kw = dict(methods=("rollout",), modes=("official",), start_layer=1, progress=False)
     one = evaluate(cfg2, p2, [(im, lb, mk)], **kw)
     four = evaluate(cfg2, p2, [(im, lb, mk)], devices=jax.devices(), **kw)
-    assert one["rows"] == four["rows"], (one["rows"], four["rows"])
+    # equal up to float rounding (the sharded programs reduce in another order: mAP moved 7e-6)
+    def leaves(tree, key=""):
+        if isinstance(tree, dict):
+            return [x for k, v in sorted(tree.items()) for x in leaves(v, key + "/" + k)]
+        if isinstance(tree, list):
+            return [x for i, v in enumerate(tree) for x in leaves(v, key + "/" + str(i))]
+        return [(key, tree)]
+    l1, l4 = leaves(one["rows"]), leaves(four["rows"])
+    assert [k for k, _ in l1] == [k for k, _ in l4]
+    for (k, a), (_, b) in zip(l1, l4):
+        assert (abs(a - b) <= 1e-4) if isinstance(a, float) else a == b, (k, a, b)
     print("OK", jax.device_count())
 """)
 

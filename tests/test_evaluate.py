@@ -1,8 +1,8 @@
-"""Tests of the evaluation loop, writers and command line (xai/evaluate.py).
+"""Tests of the evaluation loop, writers and command line (xai/eval/evaluate.py).
 
-Hand-computable cases replace the classifier and the explanation methods by fakes
-(monkeypatched ``xai.eval.evaluate.vim_apply`` / ``xai.eval.evaluate.explain``) whose hits are
-known exactly; the real tiny random model checks padding invariance and the CLI.
+Hand-computable cases pass a fake classifier and a fake explainer (``evaluate(...,
+classifier=, explainer=)``) whose hits are known exactly; the real tiny random model checks
+padding invariance and the CLI.
 Exact equality is asserted throughout: hits are integers and the padded and unpadded
 runs compute every kept row with the same arithmetic.
 """
@@ -42,15 +42,18 @@ def _batches(images, labels, masks, batch_size):
 # return; the fake classifier says class 1 iff pixel (0, 0) is intact, else class 0.
 
 
-def _fake_vim_apply(config, params, x):
+def _fake_classifier(x):
     intact = x[:, 0, 0, 0] > 0  # normalized: 1 -> positive, a removed pixel (0) -> negative
-    return jax.nn.one_hot(jnp.where(intact, 1, 0), config.num_classes)
+    return jax.nn.one_hot(jnp.where(intact, 1, 0), TINY.num_classes)
 
 
-def _fake_explain(config, params, x, method, *, target=None, start_layer=15, mode="exact"):
-    corner = jnp.zeros(config.grid).at[0, 0].set(1.0)
+def _fake_explainer(x, method, mode, targets):
+    corner = jnp.zeros(TINY.grid).at[0, 0].set(1.0)
     corner_high = (x[:, 16, 16, 1] > 0)[:, None, None]  # type A: pixel (0, 0) most relevant
     return jnp.where(corner_high, corner, 1.0 - corner)  # type B: pixel (0, 0) least relevant
+
+
+FAKES = dict(classifier=_fake_classifier, explainer=_fake_explainer)
 
 
 TYPES = np.array([1, 0, 1, 0, 0])  # A, B, A, B, B
@@ -63,18 +66,12 @@ def _typed_images() -> np.ndarray:
     return images
 
 
-@pytest.fixture
-def fakes(monkeypatch):
-    monkeypatch.setattr(ev, "vim_apply", _fake_vim_apply)
-    monkeypatch.setattr(ev, "explain", _fake_explain)
-
-
 def _fake_run(target="predicted", batch_size=2, **kw):
     return ev.evaluate(TINY, {}, _batches(_typed_images(), LABELS, None, batch_size), methods=("rollout",),
-                       modes=("exact",), start_layer=1, target=target, progress=False, **kw)
+                       modes=("exact",), start_layer=1, target=target, progress=False, **FAKES, **kw)
 
 
-def test_perturbation_known_curves(fakes):
+def test_perturbation_known_curves():
     # On 32 x 32, step k removes int(k * 1024) >= 102 pixels. The upsampled map equals the
     # corner cell on the 4 x 4 corner block (16 tied pixels, pixel (0, 0) first of its tie),
     # so pixel (0, 0) is removed at step 1 when it is most relevant (rank 0) and never at
@@ -100,7 +97,7 @@ def test_perturbation_known_curves(fakes):
     assert list(r["rows"]) == ["rollout/exact", "random", "center"]
 
 
-def test_perturbation_against_labels(fakes):
+def test_perturbation_against_labels():
     # Image 3 (type B) is labelled 0: unperturbed it is a miss; once its pixel (0, 0) is
     # removed (negative test, step 1) the fake predicts 0, a hit.
     row = _fake_run(target="label")["rows"]["rollout/exact"]["perturbation"]
@@ -110,18 +107,37 @@ def test_perturbation_against_labels(fakes):
     assert row["negative"]["auc"] == pytest.approx(55.0)
 
 
-def test_segmentation_maps_equal_masks(monkeypatch):
+def test_evaluation_steps_equal_evaluate():
+    # evaluate is Evaluation.step over the batches, then summary; the explainer is called once
+    # per batch and row, on the padded batch (the last image repeated) and its targets.
+    calls = []
+
+    def explainer(x, method, mode, targets):
+        calls.append((x.shape[0], method, mode, np.asarray(targets).tolist()))
+        return _fake_explainer(x, method, mode, targets)
+
+    kw = dict(methods=("rollout", "raw_attention"), modes=("exact",), start_layer=1, target="label")
+    run = ev.Evaluation(TINY, _fake_classifier, explainer, **kw)
+    for batch in _batches(_typed_images(), LABELS, None, 2):
+        run.step(*batch)
+    r = run.summary()
+    assert calls == [(2, m, "exact", t) for t in ([1, 1], [1, 0], [1, 1]) for m in ("rollout", "raw_attention")]
+    assert r == ev.evaluate(TINY, {}, _batches(_typed_images(), LABELS, None, 2), progress=False, **kw, **FAKES)
+    assert r["rows"]["raw_attention/exact"]["perturbation"] == r["rows"]["rollout/exact"]["perturbation"]
+    assert r["rows"]["rollout/exact"]["perturbation"]["positive"]["curve"] == [80.0] + [40.0] * 9
+
+
+def test_segmentation_maps_equal_masks():
     # The fake explainer returns the mask (stored in channel 2) at full resolution: the
     # upsampling is the identity and the segmentation is perfect.
-    monkeypatch.setattr(ev, "vim_apply", _fake_vim_apply)
-    monkeypatch.setattr(ev, "explain", lambda c, p, x, m, **kw: (x[..., 2] > 0).astype(jnp.float32))
     rng = np.random.default_rng(0)
     masks = rng.random((5, 32, 32)) < 0.3
     masks[:, 0, 0], masks[:, 1, 1] = True, False  # both classes in every image
     images = np.ones((5, 32, 32, 3), np.float32)
     images[..., 2] = masks
     r = ev.evaluate(TINY, {}, _batches(images, None, masks, 2), methods=("raw_attention",), modes=("official",),
-                    start_layer=1, tests=("segmentation",), progress=False)
+                    start_layer=1, tests=("segmentation",), progress=False, classifier=_fake_classifier,
+                    explainer=lambda x, method, mode, targets: (x[..., 2] > 0).astype(jnp.float32))
     seg = r["rows"]["raw_attention/official"]["segmentation"]
     for key in ("pixel_accuracy", "iou_background", "iou_foreground", "miou", "map"):
         assert seg[key] == pytest.approx(100.0), key
@@ -177,7 +193,7 @@ def _flatten(tree, prefix=""):
 # --------------------------------------------------------------------------- writers
 
 
-def test_writers(fakes, tmp_path):
+def test_writers(tmp_path):
     r = _fake_run()
     paths = report.write_results(r, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(

@@ -121,7 +121,7 @@ def test_class_token_rows_and_channel_mean_against_full(model):
     np.testing.assert_allclose(rows, full[..., CFG.cls_pos, :], rtol=1e-5, atol=1e-7)
     mean = np.asarray(channel_mean_attention(CFG, params, images, layers=[0, 2]))
     np.testing.assert_allclose(mean, 0.5 * full.sum(axis=2).mean(axis=2), rtol=1e-5, atol=1e-7)
-    # layers from 1 on: only those are captured (capture_from=1); same numbers as the full capture
+    # layers from 1 on: only those are captured (start_layer=1); same numbers as the full capture
     every = np.asarray(hidden_attention(CFG, params, images))
     np.testing.assert_allclose(hidden_attention(CFG, params, images, layers=[2, 1]), every[:, [2, 1]],
                                rtol=1e-5, atol=1e-8)

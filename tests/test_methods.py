@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from mamba_jax import VimConfig, init_params, vim_apply
+from mamba_jax.options import Options
 from xai.methods import METHODS, explain, forward_with_gradients
 from xai.rollout import rank_one, rollout
 
@@ -81,31 +82,32 @@ def test_gradients_and_targets(model):
 
 
 def test_gradients_from_a_later_layer_equal_the_full_backward(model):
-    """first_layer=k runs layers < k forward only; the gradients and captures it returns must be
+    """start_layer=k runs layers < k forward only; the gradients and captures it returns must be
     rows k.. of the full ones (which the test above checks against d/d pos_embed)."""
     params, images = model
     logits, inter, grads, _ = forward_with_gradients(CFG, params, images)
     for k in (1, 2):
-        logits_k, inter_k, grads_k, _ = forward_with_gradients(CFG, params, images, first_layer=k)
+        logits_k, inter_k, grads_k, _ = forward_with_gradients(CFG, params, images, start_layer=k)
         assert grads_k.shape == (CFG.depth - k + 1, *grads.shape[1:])
         np.testing.assert_allclose(logits_k, logits, rtol=0, atol=1e-6)
         np.testing.assert_allclose(grads_k, grads[k:], rtol=0, atol=1e-6 * float(jnp.abs(grads).max()))
         np.testing.assert_allclose(inter_k["residual"], inter["residual"][k:], rtol=0, atol=1e-6)
         np.testing.assert_allclose(inter_k["bwd"]["delta"], inter["bwd"]["delta"][k:], rtol=0, atol=1e-6)
     # rematerialized backward: the same numbers, recomputed
-    _, _, grads_r, _ = forward_with_gradients(CFG, params, images, first_layer=1, remat=True)
+    _, _, grads_r, _ = forward_with_gradients(CFG, params, images, start_layer=1,
+                                            options=Options(remat=True))
     np.testing.assert_allclose(grads_r, grads[1:], rtol=0, atol=1e-6 * float(jnp.abs(grads).max()))
     a = explain(CFG, params, images, "mamba_attribution", start_layer=1, mode="official")
-    b = explain(CFG, params, images, "mamba_attribution", start_layer=1, mode="official", remat=True)
+    b = explain(CFG, params, images, "mamba_attribution", start_layer=1, mode="official", options=Options(remat=True))
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
-def test_capture_from_arguments_are_checked(model):
+def test_start_layer_arguments_are_checked(model):
     params, images = model
-    with pytest.raises(ValueError, match="capture_from 3 is outside"):
-        vim_apply(CFG, params, images, capture=True, capture_from=3)
+    with pytest.raises(ValueError, match="start_layer 3 is outside"):
+        vim_apply(CFG, params, images, capture=True, start_layer=3)
     with pytest.raises(ValueError, match=r"perturb must have shape \(3, 3, 17, 16\)"):
-        vim_apply(CFG, params, images, capture_from=1, perturb=jnp.zeros((2, 3, 17, 16)))
+        vim_apply(CFG, params, images, start_layer=1, perturb=jnp.zeros((2, 3, 17, 16)))
 
 
 def test_bad_arguments(model):
@@ -143,9 +145,10 @@ def test_official_attribution_finite_where_the_last_layer_has_no_positive_attent
     config, params = demo_model()
     images01, _, _ = shapes_dataset01(12, seed=1000)
     x = normalize(images01[11:12])
-    _, inter = vim_apply(config, params, x, capture=True, capture_from=config.depth - 1)
+    _, inter = vim_apply(config, params, x, capture=True, start_layer=config.depth - 1)
     vec = per_layer(config, params, inter, [config.depth - 1],
-                    lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, config.cls_pos), first=config.depth - 1)
+                    lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, config.cls_pos),
+                    start_layer=config.depth - 1)
     assert float(vec.max()) <= 0.0  # the degenerate case this test is about
     for mode in ("official", "exact"):
         maps = explain(config, params, x, "mamba_attribution", mode=mode, start_layer=DEMO_START_LAYER)

@@ -600,8 +600,10 @@ def evaluate_cli(ws, *args, ckpt=None) -> Outcome:
 
 
 def _spy_evaluate(o_calls):
-    real = ev.evaluate
-    return patched(ev, "evaluate", lambda *a, **k: o_calls.append(1) or real(*a, **k))
+    from xai.app import evaluate_cli  # the command's own name for evaluate (imported from xai.eval.evaluate)
+
+    real = evaluate_cli.evaluate
+    return patched(evaluate_cli, "evaluate", lambda *a, **k: o_calls.append(1) or real(*a, **k))
 
 
 @case("V01", "`evaluate --out notes.txt/seg` (under a file)")
@@ -944,9 +946,8 @@ def _(ws):
 @case("A38", "xai.eval.evaluate.evaluate where a method's map comes out NaN (simulated)")
 def _(ws):
     x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
-    with patched(ev, "explain", lambda config, params, images, *a, **k: jnp.full((images.shape[0], *config.grid),
-                                                                                  jnp.nan)):
-        o = api(lambda: _tiny_evaluate(x, start_layer=1)["rows"]["raw_attention/exact"]["perturbation"])
+    nan_maps = lambda images, method, mode, targets: jnp.full((images.shape[0], *TINY32.grid), jnp.nan)  # noqa: E731
+    o = api(lambda: _tiny_evaluate(x, start_layer=1, explainer=nan_maps)["rows"]["raw_attention/exact"]["perturbation"])
     yield o
     expect_api_error(o, ValueError, r"non-finite.*raw_attention \(exact\) map")
 

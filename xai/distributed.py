@@ -22,7 +22,9 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from mamba_jax.config import VimConfig
+from mamba_jax.options import Options
 from mamba_jax.preprocess import pad_batch
+from xai.hidden_attention import DEFAULT_BUDGET
 from xai.methods import check_arguments, explain, resolve_start_layer
 
 try:  # jax >= 0.7 exposes shard_map at the top level
@@ -51,22 +53,23 @@ def _pad_to(x, n: int):
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_fn(config, method, start_layer, mode, mesh, with_target, options):
+def _sharded_fn(config, method, start_layer, mode, mesh, with_target, budget, options):
     def per_device(params, images, target):
         return explain(config, params, images, method, target=target if with_target else None,
-                       start_layer=start_layer, mode=mode, **dict(options))
+                       start_layer=start_layer, mode=mode, budget=budget, options=options)
 
     fn = _smap(per_device, mesh, (P(), P("data"), P("data")), P("data"))
     return jax.jit(fn)
 
 
 def explain_sharded(config: VimConfig, params, images, method: str, *, target=None, start_layer: int | None = None,
-                    mode: str = "exact", mesh: Mesh | None = None, **options):
+                    mode: str = "exact", mesh: Mesh | None = None, budget: int = DEFAULT_BUDGET,
+                    options: Options | None = None):
     """``xai.explain`` with the batch split over the devices of ``mesh`` (default: all local ones).
 
     The batch is padded to a multiple of the device count (the padding is dropped from the
     result). Returns maps [B, grid_h, grid_w], equal to ``explain`` on one device.
-    ``options``: explain's keyword options (``remat``, ``dtype``, ``scan_method``, ``budget``).
+    ``budget`` and ``options`` (``mamba_jax.options.Options``) as for ``explain``.
     ``start_layer`` None (the default) is ``default_start_layer(config)``; every argument is
     checked as ``explain`` checks it, before any work.
     """
@@ -83,20 +86,20 @@ def explain_sharded(config: VimConfig, params, images, method: str, *, target=No
     t = _pad_to(t, n)
     x = jax.device_put(x, NamedSharding(mesh, P("data")))
     t = jax.device_put(t, NamedSharding(mesh, P("data")))
-    fn = _sharded_fn(config, method, start_layer, mode, mesh, target is not None, tuple(sorted(options.items())))
+    fn = _sharded_fn(config, method, start_layer, mode, mesh, target is not None, budget, options)
     return fn(params, x, t)[:B]
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_predict(config, mesh):
+def _sharded_predict(config, mesh, options=None):
     from mamba_jax.vim import vim_apply
 
-    return jax.jit(_smap(lambda p, x: vim_apply(config, p, x), mesh, (P(), P("data")), P("data")))
+    return jax.jit(_smap(lambda p, x: vim_apply(config, p, x, options=options), mesh, (P(), P("data")), P("data")))
 
 
-def predict_sharded(config: VimConfig, params, images, mesh: Mesh | None = None):
+def predict_sharded(config: VimConfig, params, images, mesh: Mesh | None = None, options: Options | None = None):
     """Logits of a batch split over the devices of ``mesh`` (for the perturbation tests)."""
     mesh = mesh if mesh is not None else data_mesh()
     B = images.shape[0]
     x = jax.device_put(_pad_to(jnp.asarray(images), mesh.size), NamedSharding(mesh, P("data")))
-    return _sharded_predict(config, mesh)(params, x)[:B]
+    return _sharded_predict(config, mesh, options)(params, x)[:B]

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from mamba_jax import ssm
 from mamba_jax.config import VimConfig
+from mamba_jax.options import Options
 from mamba_jax.vim import check_images, vim_apply
 
 DEFAULT_BUDGET = 1 << 30
@@ -75,12 +76,13 @@ def layer_slice(inter, l):
     return {n: {k: v[l] for k, v in inter[n].items()} for n in ("fwd", "bwd") if n in inter}
 
 
-def per_layer(config: VimConfig, params, inter, layers, fn, axis: int = 0, first: int = 0):
+def per_layer(config: VimConfig, params, inter, layers, fn, axis: int = 0, start_layer: int = 0):
     """``fn(layer_slice, A_f, A_b)`` for every layer in ``layers``, stacked along ``axis``.
 
-    ``first``: the model layer of ``inter``'s index 0 (``vim_apply(..., capture_from=first)``).
+    ``start_layer``: the model layer of ``inter``'s index 0 (``vim_apply(..., start_layer=...)``).
     """
-    return jnp.stack([fn(layer_slice(inter, l - first), *layer_A(config, params, l)) for l in layers], axis=axis)
+    return jnp.stack([fn(layer_slice(inter, l - start_layer), *layer_A(config, params, l)) for l in layers],
+                     axis=axis)
 
 
 def _as_index(arg, n: int, what: str):
@@ -106,45 +108,46 @@ def _as_index(arg, n: int, what: str):
     return idx % n
 
 
-def _first(idx) -> int:
+def _lowest(idx) -> int:
     """The lowest layer index, when it is known outside a trace (else 0): captures start there."""
     return 0 if isinstance(idx, jax.core.Tracer) else int(jax.device_get(idx).min())
 
 
-def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int, first: int = 0):
+def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int, start_layer: int = 0):
     """alpha [B, n_branches, n_channels, L, L] of one layer (``layer`` may be traced; ``inter``
-    captured from layer ``first`` on)."""
+    captured from layer ``start_layer`` on)."""
     A = dict(zip(("fwd", "bwd"), layer_A(config, params, layer)))
     branches = []
-    for name, br in layer_slice(inter, layer - first).items():
+    for name, br in layer_slice(inter, layer - start_layer).items():
         alpha = branch_alpha(br["delta"][..., channels], A[name][channels], br["B"], br["C"], budget=budget)
         branches.append(_flip_both(alpha) if name == "bwd" else alpha)
     return jnp.stack(branches, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "budget", "first"))
-def _hidden_attention(config, params, images, layers, channels, budget, first):
-    _, inter = vim_apply(config, params, images, capture=True, capture_from=first)
-    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget, first)
+@functools.partial(jax.jit, static_argnames=("config", "budget", "start_layer", "options"))
+def _hidden_attention(config, params, images, layers, channels, budget, start_layer, options):
+    _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
+    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget, start_layer)
                       for i in range(layers.shape[0])], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "fn", "budget"))
-def map_hidden_attention(config: VimConfig, params, images, fn, *, budget: int = DEFAULT_BUDGET):
+@functools.partial(jax.jit, static_argnames=("config", "fn", "budget", "options"))
+def map_hidden_attention(config: VimConfig, params, images, fn, *, budget: int = DEFAULT_BUDGET,
+                         options: Options | None = None):
     """``fn`` applied to every layer's full hidden attention, one layer at a time.
 
     fn: alpha [B, n_branches, E, L, L] -> any pytree (e.g. a reduction); returns its results
     stacked over layers. One captured forward pass; the layers run in a ``lax.map``, so only
     one layer's matrices exist at a time (Vim-T: 2 x 384 x 197 x 197 floats per image).
     """
-    _, inter = vim_apply(config, params, images, capture=True)
+    _, inter = vim_apply(config, params, images, capture=True, options=options)
     channels = jnp.arange(config.d_inner)
     return jax.lax.map(lambda l: fn(_layer_alpha(config, params, inter, l, channels, budget)),
                        jnp.arange(config.depth))
 
 
 def hidden_attention(config: VimConfig, params, images, *, layers=None, channels=None,
-                     budget: int = DEFAULT_BUDGET):
+                     budget: int = DEFAULT_BUDGET, options: Options | None = None):
     """The exact hidden attention matrices alpha (SPEC section 3).
 
     Returns float32 [B, n_layers, n_branches, n_channels, L, L]: branch 0 forward (lower
@@ -156,7 +159,7 @@ def hidden_attention(config: VimConfig, params, images, *, layers=None, channels
     images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
     channels = _as_index(channels, config.d_inner, "channels")
-    return _hidden_attention(config, params, images, layers, channels, budget, _first(layers))
+    return _hidden_attention(config, params, images, layers, channels, budget, _lowest(layers), options)
 
 
 # -------------------------------------------------------- reduced quantities
@@ -232,37 +235,39 @@ def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = 
 
 
 # ------------------------------------------------------------ public reductions
-@functools.partial(jax.jit, static_argnames=("config", "official", "first"))
-def _cls_attention(config, params, images, layers, official, first):
-    _, inter = vim_apply(config, params, images, capture=True, capture_from=first)
+@functools.partial(jax.jit, static_argnames=("config", "official", "start_layer", "options"))
+def _cls_attention(config, params, images, layers, official, start_layer, options):
+    _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
 
     def rows(br, A_f, A_b):
         fwd, bwd = class_token_rows(br, A_f, A_b, config.cls_pos, official=official)
         return jnp.stack([fwd] if bwd is None else [fwd, bwd], axis=1)
 
-    return per_layer(config, params, inter, layers, rows, axis=1, first=first)
+    return per_layer(config, params, inter, layers, rows, axis=1, start_layer=start_layer)
 
 
-def class_token_attention(config: VimConfig, params, images, *, layers=None, official: bool = False):
+def class_token_attention(config: VimConfig, params, images, *, layers=None, official: bool = False,
+                          options: Options | None = None):
     """The class-token rows alone, [B, n_layers, n_branches, E, L], in original positions:
     ``alpha[..., cls_pos, :]`` of each branch without materializing L x L (O(E L N) per layer).
     ``official=True`` gives the official code's truncated rows instead (SPEC section 3)."""
     images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
-    return _cls_attention(config, params, images, layers, official, _first(layers))
+    return _cls_attention(config, params, images, layers, official, _lowest(layers), options)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "budget", "first"))
-def _channel_mean(config, params, images, layers, budget, first):
-    _, inter = vim_apply(config, params, images, capture=True, capture_from=first)
+@functools.partial(jax.jit, static_argnames=("config", "budget", "start_layer", "options"))
+def _channel_mean(config, params, images, layers, budget, start_layer, options):
+    _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
     return per_layer(config, params, inter, layers,
                      lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, budget=budget)[0], axis=1,
-                     first=first)
+                     start_layer=start_layer)
 
 
-def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET):
+def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET,
+                           options: Options | None = None):
     """The channel mean of each layer's combined matrix w (alpha_fwd + alpha_bwd), [B, n_layers, L, L],
     computed chunk by chunk over channels (w: the mixer's branch weight, 1/2 for official Vim)."""
     images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
-    return _channel_mean(config, params, images, layers, budget, _first(layers))
+    return _channel_mean(config, params, images, layers, budget, _lowest(layers), options)

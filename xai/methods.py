@@ -28,6 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from mamba_jax.config import VimConfig
+from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
+from mamba_jax.options import Options
 from mamba_jax.vim import vim_apply
 from xai.hidden_attention import (
     DEFAULT_BUDGET,
@@ -72,25 +74,25 @@ def _resolve_target(target, logits):
     return jnp.broadcast_to(target, logits.shape[:1])
 
 
-def forward_with_gradients(config: VimConfig, params, images, target=None, *, first_layer: int = 0, dtype=None,
-                           scan_method: str = "auto", remat: bool = False):
+def forward_with_gradients(config: VimConfig, params, images, target=None, *, start_layer: int = 0,
+                           options: Options | None = None):
     """One forward and backward pass: (logits, intermediates, grads, target).
 
-    grads [depth - first_layer + 1, B, L, D]: entry i is d logit_target / d r_k for
-    k = first_layer + i, where r_k is the residual stream entering layer k's norm and the last
+    grads [depth - start_layer + 1, B, L, D]: entry i is d logit_target / d r_k for
+    k = start_layer + i, where r_k is the residual stream entering layer k's norm and the last
     entry, r_depth, the residual stream entering ``norm_f`` (total derivatives, per image: the
     images of a batch do not interact, so the gradient of the summed target logits is each
-    image's own gradient). Intermediates are captured for layers first_layer .. depth - 1.
-    The backward pass stops at ``first_layer``: the layers before it are run once, forward
-    only. ``remat``: recompute the layers' internals in the backward pass
+    image's own gradient). Intermediates are captured for layers start_layer .. depth - 1.
+    The backward pass stops at ``start_layer``: the layers before it are run once, forward
+    only. ``options.remat``: recompute the layers' internals in the backward pass
     (``jax.checkpoint``) instead of keeping them.
     """
     B = images.shape[0]
-    perturb = jnp.zeros((config.depth - first_layer + 1, B, config.seq_len, config.embed_dim), jnp.float32)
+    perturb = jnp.zeros((config.depth - start_layer + 1, B, config.seq_len, config.embed_dim), jnp.float32)
 
     def f(p):
-        logits, inter = vim_apply(config, params, images, capture=True, perturb=p, capture_from=first_layer,
-                                  remat=remat, dtype=dtype, scan_method=scan_method)
+        logits, inter = vim_apply(config, params, images, capture=True, perturb=p, start_layer=start_layer,
+                                  options=options)
         tgt = jax.lax.stop_gradient(_resolve_target(target, logits))
         return jnp.take_along_axis(logits, tgt[:, None], axis=1).sum(), (logits, inter, tgt)
 
@@ -139,21 +141,20 @@ def _exact_gradients(grads, which: str):
     return grads[1:] if which == "output" else grads[:-1]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "dtype",
-                                             "scan_method", "remat", "exact_gradient"))
-def _explain(config, params, images, target, *, method, start_layer, mode, budget, dtype, scan_method, remat,
+@functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "options",
+                                             "exact_gradient"))
+def _explain(config, params, images, target, *, method, start_layer, mode, budget, options,
              exact_gradient=EXACT_GRADIENT):
     pos = config.cls_pos
     layers = range(start_layer, config.depth)
     # only the layers from start_layer on are captured (and, for the gradient, back-propagated)
     if method == "mamba_attribution":
-        _, inter, grads, _ = forward_with_gradients(config, params, images, target, first_layer=start_layer,
-                                                    dtype=dtype, scan_method=scan_method, remat=remat)
+        _, inter, grads, _ = forward_with_gradients(config, params, images, target, start_layer=start_layer,
+                                                    options=options)
     else:
-        _, inter = vim_apply(config, params, images, capture=True, capture_from=start_layer, dtype=dtype,
-                             scan_method=scan_method)
+        _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
         grads = None
-    stack = functools.partial(per_layer, first=start_layer)  # fn over layers, stacked
+    stack = functools.partial(per_layer, start_layer=start_layer)  # fn over layers, stacked
 
     if mode == "official":
         vec = stack(config, params, inter, layers,
@@ -242,8 +243,7 @@ def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int 
 
 
 def explain(config: VimConfig, params, images, method: str, *, target=None, start_layer: int | None = None,
-            mode: str = "exact", budget: int = DEFAULT_BUDGET, dtype=None, scan_method: str = "auto",
-            remat: bool = False):
+            mode: str = "exact", budget: int = DEFAULT_BUDGET, options: Options | None = None):
     """Explanation maps float32 [B, grid_h, grid_w] (class token removed, clamped at 0).
 
     images: normalized float NHWC images [B, H, W, C] (``mamba_jax.preprocess``); a non-empty
@@ -253,10 +253,9 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
     target (Mamba-Attribution only): None = each image's top-1 class, an int, or one class
     per image, in [0, num_classes). start_layer: the first layer used (0-based); None (the
     default) = ``default_start_layer(config)``, the official 15 of 24 scaled to the model's depth.
-    dtype: compute dtype of the model's projections (``jnp.bfloat16`` for the fast path).
-    scan_method: the selective scan ("auto", "pallas", "associative", "sequential"; see vim_apply).
-    remat (Mamba-Attribution only): recompute each layer in the backward pass instead of keeping
-    its internals: bounds the memory of large batches for one more forward pass of the layers.
+    options: how the model computes (``mamba_jax.options.Options``: ``dtype=jnp.bfloat16`` for
+    the fast path, the matmul precision, the scan; ``remat=True`` bounds the memory of the
+    gradient method on large batches for one more forward pass of the layers).
     All arguments are checked before any computation (ValueError naming the problem).
     """
     from mamba_jax.vim import check_images
@@ -264,6 +263,8 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
     images = check_images(config, images)
     start_layer = resolve_start_layer(config, start_layer)
     target = check_arguments(config, method, mode, start_layer, target, images.shape[0])
+    options = DEFAULT_OPTIONS if options is None else options
+    if method != "mamba_attribution":  # remat only matters under a gradient: one compilation either way
+        options = options.replace(remat=False)
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
-                    budget=budget, dtype=dtype, scan_method=scan_method,
-                    remat=bool(remat) and method == "mamba_attribution")
+                    budget=budget, options=options)

@@ -30,6 +30,7 @@ from transformers.models.mamba.modeling_mamba import MambaConfig, MambaMixer  # 
 
 from convert.mapping import LAYER_TABLE, to_flax  # noqa: E402
 from mamba_jax.config import VimConfig  # noqa: E402
+from mamba_jax.options import Options  # noqa: E402
 from mamba_jax.vim import Mixer  # noqa: E402
 from tests.conftest import assert_close  # noqa: E402
 
@@ -140,7 +141,7 @@ def _pair(case):
 def _ours(case, method):
     """Our mixer output and d <out, cotangent> / d h, via jax.vjp."""
     config, params, h, cot, _, _ = _pair(case)
-    model = Mixer(config, scan_method=method, precision="highest")
+    model = Mixer(config, Options(scan_method=method, precision="highest"))
 
     # one compilation instead of op-by-op dispatch; LLVM optimization off halves the compile
     # time (most of this test's run time) and changes no float32 result here

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from mamba_jax import preprocess, to_unit, vim_apply
 from mamba_jax.files import OUTPUT_MARKER, atomic_write, atomic_write_text
+from mamba_jax.options import Options
 from mamba_jax.preprocess import pad_batch
 from xai.app import plot
 from xai.app.files import OutputDirError, check_output_dir, listing, output_dir, record_outputs
@@ -206,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     with output_dir(out, command="explain", overwrite=args.overwrite) as out:
         names = class_names(config)
         bs = min(args.batch_size, len(files))  # no batch larger than the images need
-        dtype = jnp.bfloat16 if args.bf16 else None
+        options = Options(dtype=jnp.bfloat16 if args.bf16 else None, remat=args.remat)
+        forward = options.replace(remat=False)  # remat only matters under a gradient
         rows: list[dict] = []
         with tqdm(total=len(files), desc="explain", unit="image") as bar:
             for b0 in range(0, len(files), bs):
@@ -217,10 +219,10 @@ def run(args: argparse.Namespace) -> int:
                 except Exception as e:
                     raise ExplainError(f"cannot read image in {', '.join(map(str, chunk))}: {e}") from None
                 x = jnp.asarray(pad_batch(x, bs))
-                probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x, dtype=dtype), axis=-1))[: len(chunk)]
+                probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x, options=forward), axis=-1))[: len(chunk)]
                 check_finite(probs, "the model's output", chunk)
                 maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
-                                                      mode=mode, remat=args.remat, dtype=dtype))[: len(chunk)]
+                                                      mode=mode, options=options))[: len(chunk)]
                         for mode in modes for m in methods}
                 for (mode, m), arr in maps.items():
                     check_finite(arr, f"the {m} ({mode}) map", chunk)

@@ -24,15 +24,17 @@ import optax
 
 from mamba_jax import init_params, vim_apply
 from mamba_jax.files import atomic_write, atomic_write_text
+from mamba_jax.options import Options
 from xai.app.demo import DEMO_CONFIG, flatten, unflatten
 from xai.eval.shapes import shapes_batches, shapes_dataset
 
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
+TRAIN_OPTIONS = Options(precision=None)  # the backend's default matmuls (TF32 on a GPU): training speed
 
 
 def make_step(config, optimizer, label_smoothing):
     def loss_fn(params, images, labels):
-        logits = vim_apply(config, params, images, precision=None)
+        logits = vim_apply(config, params, images, options=TRAIN_OPTIONS)
         onehot = optax.smooth_labels(jax.nn.one_hot(labels, config.num_classes), label_smoothing)
         loss = optax.softmax_cross_entropy(logits, onehot).mean()
         return loss, (logits.argmax(-1) == labels).mean()
@@ -49,7 +51,7 @@ def make_step(config, optimizer, label_smoothing):
 @functools.cache
 def _predictor(config):
     """One compiled classifier per config (accuracy() runs at every evaluation)."""
-    return jax.jit(lambda p, x: vim_apply(config, p, x, precision=None).argmax(-1))
+    return jax.jit(lambda p, x: vim_apply(config, p, x, options=TRAIN_OPTIONS).argmax(-1))
 
 
 def accuracy(config, params, images, labels, batch=250):

@@ -6,6 +6,9 @@
   Two baseline rows go through the same metrics: ``random`` (a uniform random map
   per image, fixed seed) and ``center`` (a centred Gaussian blob), so every table
   shows how much better than a trivial map each method is.
+- ``Evaluation``: the same, one batch at a time (``step``, then ``summary``), for a
+  given ``Classifier`` and ``Explainer`` (plain callables: tests pass fakes);
+  ``evaluate`` builds them with ``default_classifier`` and ``default_explainer``.
 Writing the results is the application's (``xai.app.report``), and so is the ``evaluate``
 command line (``xai.app.evaluate_cli``).
 
@@ -15,7 +18,6 @@ image (it changes only mAP) and the reference's pooled average precision.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
@@ -25,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mamba_jax.config import VimConfig
+from mamba_jax.options import Options
 from mamba_jax.preprocess import normalize, pad_batch
 from mamba_jax.vim import vim_apply
 from xai.eval.metrics import (
@@ -32,7 +35,6 @@ from xai.eval.metrics import (
     PerturbationAccumulator,
     SegmentationAccumulator,
     perturbation_hits,
-    segmentation_stats,
 )
 from xai.methods import METHODS, MODES, explain, resolve_start_layer
 
@@ -77,22 +79,45 @@ def center_map(grid: tuple[int, int], sigma: float = CENTER_SIGMA) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------
+# The classifier and the explainer.
+
+Classifier = Callable[[Any], jax.Array]
+"""images normalized float [B, H, W, 3] -> logits float [B, classes]."""
+
+Explainer = Callable[[Any, str, str, jax.Array], jax.Array]
+"""(images normalized float [B, H, W, 3], method, mode, targets int [B]) -> maps float [B, gh, gw]."""
+
+
+def default_classifier(config: VimConfig, params, *, devices: Sequence | None = None,
+                       options: Options | None = None) -> Classifier:
+    """``vim_apply`` jitted (params an argument, not a closure constant: large models then compile
+    quickly); with several ``devices``, ``xai.distributed.predict_sharded`` over them."""
+    if devices is not None and len(devices) > 1:
+        from xai.distributed import data_mesh, predict_sharded
+
+        mesh = data_mesh(devices)
+        return lambda x: predict_sharded(config, params, x, mesh, options=options)
+    classify = jax.jit(lambda p, x: vim_apply(config, p, x, options=options))
+    return lambda x: classify(params, x)
+
+
+def default_explainer(config: VimConfig, params, *, start_layer: int | None = None, devices: Sequence | None = None,
+                      options: Options | None = None) -> Explainer:
+    """``xai.methods.explain`` at ``start_layer``; with several ``devices``,
+    ``xai.distributed.explain_sharded`` over them."""
+    if devices is not None and len(devices) > 1:
+        from xai.distributed import data_mesh, explain_sharded
+
+        mesh = data_mesh(devices)
+        return lambda x, method, mode, targets: explain_sharded(config, params, x, method, target=targets,
+                                                                start_layer=start_layer, mode=mode, mesh=mesh,
+                                                                options=options)
+    return lambda x, method, mode, targets: explain(config, params, x, method, target=targets,
+                                                    start_layer=start_layer, mode=mode, options=options)
+
+
+# ---------------------------------------------------------------------------
 # The evaluation loop.
-
-
-def _add_segmentation(acc: SegmentationAccumulator, maps, masks, n: int) -> None:
-    """``acc.update`` on a padded batch, counting only its first ``n`` rows.
-
-    The statistics are computed on the full (padded) batch so that
-    ``segmentation_stats`` keeps one compiled shape; the padded rows are cut here.
-    """
-    stats = segmentation_stats(maps, masks, minmax=acc.minmax, ap_mode=acc.ap_mode)
-    stats = {k: np.asarray(v)[:n] for k, v in stats.items()}
-    acc.correct += int(stats["correct"].astype(np.int64).sum())
-    acc.labeled += int(stats["labeled"].astype(np.int64).sum())
-    acc.intersection += stats["intersection"].astype(np.int64).sum(0)
-    acc.union += stats["union"].astype(np.int64).sum(0)
-    acc.ap.append(stats["ap"].astype(np.float64))
 
 
 class _Row:
@@ -108,23 +133,180 @@ class _Row:
     def key(self) -> str:
         return self.method if self.mode is None else f"{self.method}/{self.mode}"
 
+    def update(self, classifier: Classifier, images01, maps, targets, unperturbed, masks, n: int, *,
+               perturbation: bool) -> None:
+        """Adds the first ``n`` images of a padded batch: images01 float [B, H, W, 3] in [0, 1],
+        maps float [B, gh, gw], targets and unperturbed (the intact images' top-1) int [B], masks
+        bool [B, H, W] or None (no segmentation test)."""
+        if perturbation:
+            for acc, positive in ((self.positive, True), (self.negative, False)):
+                hits = perturbation_hits(classifier, images01, maps, targets, positive=positive,
+                                         unperturbed=unperturbed)
+                acc.update(np.asarray(hits)[:n])
+        if masks is not None:
+            self.segmentation.update(maps, masks, count=n)
+
     def result(self) -> dict:
         def curve(acc: PerturbationAccumulator):
-            if not acc.hits:
+            if not acc.num_images:
                 return None
             r = acc.result()
             return {"curve": [float(c) for c in r["curve"]], "auc": float(r["auc"])}
 
         seg = None
-        if self.segmentation.ap:
+        if self.segmentation.num_images:
             seg = {k: (int(v) if k == "num_images" else float(v)) for k, v in self.segmentation.result().items()}
         return {
             "method": self.method,
             "mode": self.mode,
             "baseline": self.mode is None,
-            "perturbation": None if not self.positive.hits else {
+            "perturbation": None if not self.positive.num_images else {
                 "positive": curve(self.positive), "negative": curve(self.negative)},
             "segmentation": seg,
+        }
+
+
+class Evaluation:
+    """The tests of ``evaluate``, one batch at a time: ``step`` per batch, then ``summary``.
+
+    Args:
+      config: the model's shapes (img_size, channels, num_classes, grid) and its name.
+      classifier: normalized images -> logits (``Classifier``).
+      explainer: (normalized images, method, mode, targets) -> maps (``Explainer``).
+      methods, modes, start_layer, tests, target, baselines, seed: as for ``evaluate``
+        (``start_layer`` is only recorded in the settings: the explainer applies it).
+
+    Every batch is padded to the largest batch size seen so far (the first batch's, where only
+    the last batch is short; its last image repeated), so the classifier, the methods and the
+    metrics compile once; padded rows are dropped from every statistic.
+    """
+
+    def __init__(
+        self,
+        config: VimConfig,
+        classifier: Classifier,
+        explainer: Explainer,
+        *,
+        methods: Sequence[str] = METHODS,
+        modes: Sequence[str] = MODES,
+        start_layer: int | None = None,
+        tests: Sequence[str] = TESTS,
+        target: Literal["predicted", "label"] = "predicted",
+        baselines: Sequence[str] = BASELINES,
+        seed: int = 0,
+    ):
+        for what, given, known in (("method", methods, METHODS), ("mode", modes, MODES), ("test", tests, TESTS),
+                                   ("baseline", baselines, BASELINES)):
+            unknown = set(given) - set(known)
+            if unknown:
+                raise ValueError(f"unknown {what}(s) {sorted(unknown)}; expected some of {known}")
+        if target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        self.config, self.classifier, self.explainer = config, classifier, explainer
+        self.methods, self.modes, self.tests, self.baselines = list(methods), list(modes), list(tests), list(baselines)
+        self.start_layer = resolve_start_layer(config, start_layer)
+        self.target, self.seed = target, seed
+        self.rows = [_Row(m, mode) for m in methods for mode in modes] + [_Row(b, None) for b in baselines]
+        self.batch_size = 0  # every batch is padded to this size
+        self.images = self.labeled = self.correct = self.with_masks = self.batches = 0
+
+    def _check(self, images01, labels, masks):
+        """The batch as float32 / int32 / bool host arrays, or a DataError naming what is wrong."""
+        config, size = self.config, self.config.img_size
+        images01 = np.asarray(images01, np.float32)
+        if images01.ndim != 4 or images01.shape[-1] != config.channels:
+            raise DataError(f"images must be [B, H, W, {config.channels}] (NHWC), got shape {images01.shape}")
+        if images01.shape[1:3] != (size, size):
+            raise DataError(f"the data's images are {images01.shape[1]} x {images01.shape[2]} but the model "
+                            f"expects {size} x {size} (img_size={size})")
+        n = images01.shape[0]
+        if n == 0:
+            return images01, None, None
+        _check_finite(images01, "the pixels")
+        lo, hi = float(images01.min()), float(images01.max())
+        if lo < -1e-6 or hi > 1 + 1e-6:
+            raise DataError(f"images must hold pixels in [0, 1] (before normalization), got {lo:.4g} .. {hi:.4g}"
+                            + (": divide 0..255 pixels by 255" if hi > 1.5 else ""))
+        labels = None if labels is None else np.asarray(labels)
+        if labels is not None:
+            if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
+                raise DataError(f"labels must be {n} integers (one per image, -1 = unknown), got {labels.dtype} "
+                                f"of shape {labels.shape}")
+            out_of_range = labels[(labels < -1) | (labels >= config.num_classes)]
+            if out_of_range.size:
+                raise DataError(f"label(s) {sorted(set(out_of_range.tolist()))[:10]} outside the model's "
+                                f"{config.num_classes} classes (0..{config.num_classes - 1}; -1 = unknown)")
+            labels = labels.astype(np.int32)
+        if self.target == "label" and (labels is None or (labels < 0).any()):
+            raise DataError('target="label" needs a ground-truth label for every image; this data has '
+                            + ("none" if labels is None else "unknown labels (-1)"))
+        if masks is not None and "segmentation" in self.tests:
+            masks = np.asarray(masks, bool)
+            if masks.shape != images01.shape[:3]:
+                raise DataError(f"masks of shape {masks.shape} do not match images of shape {images01.shape}")
+        else:
+            masks = None
+        return images01, labels, masks
+
+    def _maps(self, row: _Row, x_norm, targets, start: int, n: int):
+        """Maps float [B, gh, gw] of one row for a padded batch whose first image is number ``start``."""
+        grid, B = self.config.grid, x_norm.shape[0]
+        if row.mode is not None:
+            maps = self.explainer(x_norm, row.method, row.mode, targets)
+            _check_finite(np.asarray(maps)[:n], f"the {row.method} ({row.mode}) map")
+            return maps
+        if row.method == "random":
+            return random_maps(grid, range(start, start + B), self.seed)
+        return np.broadcast_to(center_map(grid), (B, *grid))
+
+    def step(self, images01, labels=None, masks=None) -> None:
+        """Adds one batch: images01 float [B, H, W, 3] in [0, 1], labels int [B] or None (a label
+        < 0 means unknown), masks bool [B, H, W] or None. An empty batch is skipped."""
+        images01, labels, masks = self._check(images01, labels, masks)
+        n = images01.shape[0]
+        if n == 0:
+            return
+        self.batch_size = pad_to = max(self.batch_size, n)
+
+        x01 = pad_batch(images01, pad_to)
+        logits = np.asarray(self.classifier(normalize(x01)))
+        _check_finite(logits[:n], "the model's output")
+        preds = logits.argmax(-1).astype(np.int32)
+        if labels is not None:
+            known = labels >= 0
+            self.labeled += int(known.sum())
+            self.correct += int((preds[:n] == labels)[known].sum())
+        targets = jnp.asarray(preds if self.target == "predicted" else pad_batch(labels, pad_to))
+        masks_p = None
+        if masks is not None:
+            masks_p = pad_batch(masks, pad_to)
+            self.with_masks += n
+
+        x_norm = normalize(x01)
+        for row in self.rows:
+            maps = self._maps(row, x_norm, targets, self.images, n)
+            row.update(self.classifier, x01, maps, targets, preds, masks_p, n,
+                       perturbation="perturbation" in self.tests)
+        self.images += n
+        self.batches += 1
+
+    def summary(self) -> dict:
+        """The results so far, a JSON-ready dict (see ``evaluate``); a DataError before any image."""
+        if self.images == 0:
+            raise DataError("no data: the batches held no images")
+        config = self.config
+        return {
+            "model": {"name": config.name, "img_size": config.img_size, "embed_dim": config.embed_dim,
+                      "depth": config.depth, "num_classes": config.num_classes},
+            "settings": {"methods": list(self.methods), "modes": list(self.modes), "start_layer": self.start_layer,
+                         "tests": list(self.tests), "target": self.target, "baselines": list(self.baselines),
+                         "seed": self.seed, "batch_size": self.batch_size, "segmentation_minmax": True,
+                         "segmentation_ap": "pooled", "center_sigma": CENTER_SIGMA},
+            "counts": {"images": self.images, "labeled": self.labeled, "with_masks": self.with_masks,
+                       "batches": self.batches},
+            "top1_accuracy": 100.0 * self.correct / self.labeled if self.labeled else None,
+            "steps": list(PERTURBATION_STEPS),
+            "rows": {row.key: row.result() for row in self.rows},
         }
 
 
@@ -143,8 +325,11 @@ def evaluate(
     progress: bool = True,
     total: int | None = None,
     devices: Sequence | None = None,
+    options: Options | None = None,
+    classifier: Classifier | None = None,
+    explainer: Explainer | None = None,
 ) -> dict:
-    """Runs the perturbation and segmentation tests over ``batches``.
+    """Runs the perturbation and segmentation tests over ``batches`` (``Evaluation``).
 
     Args:
       config, params: the classifier.
@@ -160,124 +345,31 @@ def evaluate(
       seed: seed of the random baseline.
       progress: show a tqdm bar over batches; ``total``: the number of batches, for the bar.
       devices: spread every batch over these devices (``xai.distributed``); None = one device.
+      options: the numerics (``mamba_jax.options.Options``) of the default classifier and
+        explainer; None = their default.
+      classifier, explainer: replace ``default_classifier(config, params, ...)`` and
+        ``default_explainer(config, params, ...)`` (``devices`` and ``options`` then apply to
+        neither).
 
     Every batch is padded to the size of the first (repeating its last image), so
     the classifier, the methods and the metrics compile once; padded rows are
-    dropped from every statistic.
+    dropped from every statistic (``Evaluation.step``).
 
-    Returns a JSON-ready dict (see ``write_results``): ``model``, ``settings``,
+    Returns a JSON-ready dict (see ``xai.app.report.write_results``): ``model``, ``settings``,
     ``counts``, ``top1_accuracy`` (percent, None without labels), ``steps`` and
     ``rows``, a dict "method/mode" (or the baseline name) -> ``{"method", "mode",
     "baseline", "perturbation": {"positive"|"negative": {"curve": [10 percents],
     "auc"}} or None, "segmentation": {pixel_accuracy, iou_background,
     iou_foreground, miou, map, num_images} or None}``.
     """
-    for what, given, known in (("method", methods, METHODS), ("mode", modes, MODES), ("test", tests, TESTS),
-                               ("baseline", baselines, BASELINES)):
-        unknown = set(given) - set(known)
-        if unknown:
-            raise ValueError(f"unknown {what}(s) {sorted(unknown)}; expected some of {known}")
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     start_layer = resolve_start_layer(config, start_layer)
-
-    # Params are an argument, not a closure constant: large models then compile quickly.
-    if devices is not None and len(devices) > 1:
-        from xai.distributed import data_mesh, explain_sharded, predict_sharded
-
-        mesh = data_mesh(devices)
-        predict: Callable[[jax.Array], jax.Array] = lambda x: predict_sharded(config, params, x, mesh)
-        explain_fn = functools.partial(explain_sharded, mesh=mesh)
-    else:
-        classify = jax.jit(lambda p, x: vim_apply(config, p, x))
-        predict = lambda x: classify(params, x)
-        explain_fn = explain
-
-    rows = [_Row(m, mode) for m in methods for mode in modes] + [_Row(b, None) for b in baselines]
-    size = config.img_size
-    pad_to = 0
-    n_images = n_labeled = n_correct = n_masks = n_batches = 0
-
+    if classifier is None:
+        classifier = default_classifier(config, params, devices=devices, options=options)
+    if explainer is None:
+        explainer = default_explainer(config, params, start_layer=start_layer, devices=devices, options=options)
+    run = Evaluation(config, classifier, explainer, methods=methods, modes=modes, start_layer=start_layer,
+                     tests=tests, target=target, baselines=baselines, seed=seed)
     for images01, labels, masks in tqdm(batches, total=total, unit="batch", disable=not progress,
                                         desc="evaluate"):
-        images01 = np.asarray(images01, np.float32)
-        if images01.ndim != 4 or images01.shape[-1] != config.channels:
-            raise DataError(f"images must be [B, H, W, {config.channels}] (NHWC), got shape {images01.shape}")
-        if images01.shape[1:3] != (size, size):
-            raise DataError(f"the data's images are {images01.shape[1]} x {images01.shape[2]} but the model "
-                            f"expects {size} x {size} (img_size={size})")
-        n = images01.shape[0]
-        if n == 0:
-            continue
-        _check_finite(images01, "the pixels")
-        lo, hi = float(images01.min()), float(images01.max())
-        if lo < -1e-6 or hi > 1 + 1e-6:
-            raise DataError(f"images must hold pixels in [0, 1] (before normalization), got {lo:.4g} .. {hi:.4g}"
-                            + (": divide 0..255 pixels by 255" if hi > 1.5 else ""))
-        labels = None if labels is None else np.asarray(labels)
-        if labels is not None:
-            if not np.issubdtype(labels.dtype, np.integer) or labels.shape != (n,):
-                raise DataError(f"labels must be {n} integers (one per image, -1 = unknown), got {labels.dtype} "
-                                f"of shape {labels.shape}")
-            out_of_range = labels[(labels < -1) | (labels >= config.num_classes)]
-            if out_of_range.size:
-                raise DataError(f"label(s) {sorted(set(out_of_range.tolist()))[:10]} outside the model's "
-                                f"{config.num_classes} classes (0..{config.num_classes - 1}; -1 = unknown)")
-            labels = labels.astype(np.int32)
-        if target == "label" and (labels is None or (labels < 0).any()):
-            raise DataError('target="label" needs a ground-truth label for every image; this data has '
-                            + ("none" if labels is None else "unknown labels (-1)"))
-        pad_to = max(pad_to, n)
-
-        x01 = pad_batch(images01, pad_to)
-        logits = np.asarray(predict(normalize(x01)))
-        _check_finite(logits[:n], "the model's output")
-        preds = logits.argmax(-1).astype(np.int32)
-        if labels is not None:
-            known = labels >= 0
-            n_labeled += int(known.sum())
-            n_correct += int((preds[:n] == labels)[known].sum())
-        targets = preds if target == "predicted" else pad_batch(labels, pad_to)
-        masks_p = None
-        if masks is not None and "segmentation" in tests:
-            masks = np.asarray(masks, bool)
-            if masks.shape != images01.shape[:3]:
-                raise DataError(f"masks of shape {masks.shape} do not match images of shape {images01.shape}")
-            masks_p = pad_batch(masks, pad_to)
-            n_masks += n
-
-        x_norm = normalize(x01)
-        for row in rows:
-            if row.mode is None:
-                if row.method == "random":
-                    maps = random_maps(config.grid, range(n_images, n_images + pad_to), seed)
-                else:
-                    maps = np.broadcast_to(center_map(config.grid), (pad_to, *config.grid))
-            else:
-                maps = explain_fn(config, params, x_norm, row.method, target=jnp.asarray(targets),
-                                  start_layer=start_layer, mode=row.mode)
-                _check_finite(np.asarray(maps)[:n], f"the {row.method} ({row.mode}) map")
-            if "perturbation" in tests:
-                for acc, positive in ((row.positive, True), (row.negative, False)):
-                    hits = perturbation_hits(predict, x01, maps, jnp.asarray(targets), positive=positive,
-                                             unperturbed=preds)
-                    acc.update(np.asarray(hits)[:n])
-            if masks_p is not None:
-                _add_segmentation(row.segmentation, maps, masks_p, n)
-        n_images += n
-        n_batches += 1
-
-    if n_images == 0:
-        raise DataError("no data: the batches held no images")
-    return {
-        "model": {"name": config.name, "img_size": config.img_size, "embed_dim": config.embed_dim,
-                  "depth": config.depth, "num_classes": config.num_classes},
-        "settings": {"methods": list(methods), "modes": list(modes), "start_layer": start_layer,
-                     "tests": list(tests), "target": target, "baselines": list(baselines), "seed": seed,
-                     "batch_size": pad_to, "segmentation_minmax": True, "segmentation_ap": "pooled",
-                     "center_sigma": CENTER_SIGMA},
-        "counts": {"images": n_images, "labeled": n_labeled, "with_masks": n_masks, "batches": n_batches},
-        "top1_accuracy": 100.0 * n_correct / n_labeled if n_labeled else None,
-        "steps": list(PERTURBATION_STEPS),
-        "rows": {row.key: row.result() for row in rows},
-    }
+        run.step(images01, labels, masks)
+    return run.summary()

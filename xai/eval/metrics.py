@@ -162,13 +162,18 @@ class PerturbationAccumulator:
     hits: list[np.ndarray] = dataclasses.field(default_factory=list)
 
     def update(self, hits) -> None:
+        """Adds one batch of hits bool [B, steps]."""
         self.hits.append(np.asarray(hits, bool))
+
+    @property
+    def num_images(self) -> int:
+        return int(sum(map(len, self.hits)))
 
     def result(self) -> dict:
         if not self.hits:
             raise ValueError("no batches accumulated")
         curve = perturbation_curve(np.concatenate(self.hits))
-        return {"curve": curve, "auc": auc(curve), "num_images": int(sum(map(len, self.hits)))}
+        return {"curve": curve, "auc": auc(curve), "num_images": self.num_images}
 
 
 # ---------------------------------------------------------------------------
@@ -268,7 +273,7 @@ def segmentation_stats(
 class SegmentationAccumulator:
     """Streams the segmentation test over batches.
 
-    ``update(maps [B, h, w], masks bool [B, H, W])`` per batch; ``result()``
+    ``update(maps [B, h, w], masks bool [B, H, W], count=None)`` per batch; ``result()``
     returns, in percent: ``pixel_accuracy`` (total correct / total pixels),
     ``iou_background``, ``iou_foreground`` (total intersection / total union
     of that class over the data set), ``miou`` (their mean) and ``map`` (mean
@@ -284,16 +289,24 @@ class SegmentationAccumulator:
     union: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2, np.int64))
     ap: list[np.ndarray] = dataclasses.field(default_factory=list)
 
-    def update(self, maps, masks) -> dict[str, np.ndarray]:
-        """Adds one batch; returns its per-image statistics (host arrays)."""
+    def update(self, maps, masks, *, count: int | None = None) -> dict[str, np.ndarray]:
+        """Adds one batch; returns its per-image statistics (host arrays).
+
+        ``count``: add only the first ``count`` images (the rest is padding); the statistics
+        are computed on the whole batch, so that ``segmentation_stats`` keeps one compiled shape.
+        """
         stats = segmentation_stats(maps, masks, minmax=self.minmax, ap_mode=self.ap_mode)
-        stats = {k: np.asarray(v) for k, v in stats.items()}
+        stats = {k: np.asarray(v)[:count] for k, v in stats.items()}
         self.correct += int(stats["correct"].astype(np.int64).sum())
         self.labeled += int(stats["labeled"].astype(np.int64).sum())
         self.intersection += stats["intersection"].astype(np.int64).sum(0)
         self.union += stats["union"].astype(np.int64).sum(0)
         self.ap.append(stats["ap"].astype(np.float64))
         return stats
+
+    @property
+    def num_images(self) -> int:
+        return int(sum(map(len, self.ap)))
 
     def result(self) -> dict[str, float]:
         if not self.ap:
@@ -306,5 +319,5 @@ class SegmentationAccumulator:
             "iou_foreground": 100.0 * float(iou[1]),
             "miou": 100.0 * float(iou.mean()),
             "map": 100.0 * float(np.concatenate(self.ap).mean()),
-            "num_images": int(sum(map(len, self.ap))),
+            "num_images": self.num_images,
         }
