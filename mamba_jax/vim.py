@@ -114,13 +114,13 @@ def _scan_batch(u, delta, A, B, C, D, method):
 class Mixer(nn.Module):
     """The (bidirectional) Mamba mixer of one block: h [B, L, D] -> (out [B, L, D], intermediates).
 
-    ``capture``: the intermediates hold the pre-gate scan output ``y`` too (the fused Pallas
-    path then applies the gate outside the kernel, so every scan path has the same keys).
+    The intermediates of a branch are the scan's inputs ``u, delta, B, C`` and the gate ``z``,
+    the same on every scan path (the fused kernel never writes the pre-gate ``y`` to memory;
+    ``ssm.selective_scan`` recomputes it from them exactly).
     """
 
     config: VimConfig
     options: Options = DEFAULT_OPTIONS
-    capture: bool = False
 
     def branch_inputs(self, x, s: str):
         """conv1d{s} -> silu -> x_proj{s} -> dt_proj{s}: u, dt, B, C, A, D (delta = softplus(dt)).
@@ -147,18 +147,14 @@ class Mixer(nn.Module):
         method = ssm.resolve_scan(self.options.scan_method, u.shape[0])
         caps = dict(u=u, delta=delta, B=B, C=C, z=z)
         if method == "pallas":
-            # fused GPU kernel: softplus, discretization, D skip (and, unless the pre-gate y is
-            # captured, the gate) in one pass; interpret mode off the GPU, for tests
+            # fused GPU kernel: softplus, discretization, D skip and gate in one pass (interpret
+            # mode off the GPU, for tests)
             from mamba_jax.pallas_scan import selective_scan_pallas
 
-            scan = functools.partial(selective_scan_pallas, u, dt, A, B, C, D, jnp.zeros_like(D), block_e=64,
-                                     num_warps=4, interpret=jax.default_backend() != "gpu")
-            if not self.capture:
-                return scan(z=z), caps
-            y = scan()
-        else:
-            y = _scan_batch(u, delta, A, B, C, D, method)
-        return y * nn.silu(z), dict(caps, y=y)
+            return selective_scan_pallas(u, dt, A, B, C, D, jnp.zeros_like(D), z, block_e=64, num_warps=4,
+                                         interpret=jax.default_backend() != "gpu"), caps
+        y = _scan_batch(u, delta, A, B, C, D, method)
+        return y * nn.silu(z), caps
 
     @nn.compact
     def __call__(self, h):
@@ -203,7 +199,7 @@ class Block(nn.Module):
         residual, m = carry
         residual = residual + m + perturb
         h = make_norm(self.config, "norm")(residual)
-        m, caps = Mixer(self.config, self.options, self.capture, name="mixer")(h)
+        m, caps = Mixer(self.config, self.options, name="mixer")(h)
         out = {"residual": residual, **caps} if self.capture else None
         return (residual, m), out
 
@@ -225,7 +221,7 @@ class VisionMamba(nn.Module):
 
     ``intermediates`` is empty unless ``capture``; then it holds, stacked over the layers
     ``start_layer .. depth - 1`` (n of them): ``residual`` [n, B, L, D], and per branch
-    ``fwd`` / ``bwd`` the scan inputs ``u, delta, z, y`` [n, B, L, E] and ``B, C``
+    ``fwd`` / ``bwd`` the scan inputs ``u, delta`` and the gate ``z`` [n, B, L, E] and ``B, C``
     [n, B, L, N]; plus ``tokens`` [B, L, D] (embedded input) and ``final`` [B, L, D]
     (after ``norm_f``). ``perturb`` [n + 1, B, L, D]: entry i is added to the residual stream
     r_{start_layer + i} entering layer start_layer + i, the last entry to r_depth, the

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mamba_jax import VimConfig, init_params, vim_apply
+from mamba_jax import VimConfig, init_params, ssm, vim_apply
 from xai.hidden_attention import channel_reduced_matrix, hidden_attention, layer_A, official_cls_vector
 
 CFG = VimConfig(embed_dim=16, depth=3, img_size=32, patch_size=8, stride=8, num_classes=5)
@@ -27,8 +27,12 @@ def _identity_check(params, images, dtype, tol):
     mixer = params["layers"]["mixer"]
     for l in range(CFG.depth):
         for b, (name, D_key) in enumerate((("fwd", "D"), ("bwd", "D_b"))):
-            u = np.asarray(inter[name]["u"][l], np.float64)
-            y = np.asarray(inter[name]["y"][l], np.float64)
+            br = {k: v[l] for k, v in inter[name].items()}
+            A = -jnp.exp(mixer["A_log" if name == "fwd" else "A_b_log"][l])
+            # y from the sequential scan on the captured inputs: the oracle the identity is checked on
+            y = np.asarray(jax.vmap(ssm.scan_sequential, in_axes=(0, 0, None, 0, 0, None))(
+                br["u"], br["delta"], A, br["B"], br["C"], mixer[D_key][l]), np.float64)
+            u = np.asarray(br["u"], np.float64)
             D = np.asarray(mixer[D_key][l], np.float64)
             if name == "bwd":  # captured in scan order: back to original positions
                 u, y = u[:, ::-1], y[:, ::-1]
