@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from mamba_jax import ssm
 from mamba_jax.config import VimConfig
@@ -213,7 +214,7 @@ class PatchEmbed(nn.Module):
         cfg = self.config
         x = nn.Conv(cfg.embed_dim, (cfg.patch_size, cfg.patch_size), strides=(cfg.stride, cfg.stride),
                     padding="VALID", precision=self.options.precision, dtype=self.options.dtype, name="proj")(images)
-        return x.reshape(x.shape[0], -1, cfg.embed_dim)  # row-major over the grid
+        return rearrange(x, "b h w d -> b (h w) d")  # row-major over the grid
 
 
 class VisionMamba(nn.Module):

@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from mamba_jax import ssm
 from mamba_jax.config import VimConfig
@@ -48,16 +49,14 @@ def _channel_chunk(n_channels: int, batch: int, L: int, N: int, budget: int) -> 
 
 def _split_channels(delta, A, chunk: int):
     """delta [B, L, E], A [E, N] -> [n_chunks, B, L, chunk], [n_chunks, chunk, N]."""
-    Bsz, L, E = delta.shape
-    n = E // chunk
-    return delta.reshape(Bsz, L, n, chunk).transpose(2, 0, 1, 3), A.reshape(n, chunk, A.shape[1])
+    return (rearrange(delta, "b l (n c) -> n b l c", c=chunk),
+            rearrange(A, "(n c) s -> n c s", c=chunk))
 
 
 def _chunked_channels(fn, delta, A, chunk: int):
     """Apply ``fn(delta [B, L, c], A [c, N]) -> [B, c, ...]`` over channel chunks; concat on axis 1."""
     out = jax.lax.map(lambda xs: fn(*xs), _split_channels(delta, A, chunk))  # [n, B, c, ...]
-    out = jnp.moveaxis(out, 0, 1)
-    return out.reshape(out.shape[0], -1, *out.shape[3:])
+    return rearrange(out, "n b c ... -> b (n c) ...")
 
 
 def branch_alpha(delta, A, B, C, *, budget: int = DEFAULT_BUDGET):

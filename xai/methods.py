@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 
 from mamba_jax.config import VimConfig
 from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
@@ -122,7 +123,7 @@ def _grad_relevance(grads_l):
 def _to_grid(config: VimConfig, token_map):
     """[B, L] over tokens -> [B, grid_h, grid_w] over patches (class tokens dropped), clamped at 0."""
     patches = token_map[:, jnp.asarray(config.patch_positions)]
-    return jnp.maximum(patches.reshape(-1, *config.grid), 0.0)
+    return jnp.maximum(rearrange(patches, "b (h w) -> b h w", h=config.grid[0]), 0.0)
 
 
 # The gradient that weighs layer l's matrices in the exact Mamba-Attribution: "input" is

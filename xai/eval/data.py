@@ -28,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from einops import rearrange, repeat
 from PIL import Image
 from tqdm import tqdm
 
@@ -307,9 +308,9 @@ class ImagenetSegmentation:
         f, j = self._file, self._index(i)
         img = np.asarray(f[f[self.IMG_KEY][j, 0]])
         if img.ndim == 2:  # a grey image stored [W, H]
-            img = np.repeat(img.T[..., None], 3, axis=-1)
+            img = repeat(img, "w h -> h w c", c=3)
         else:
-            img = img.transpose(2, 1, 0)
+            img = rearrange(img, "c w h -> h w c")
             if img.shape[-1] == 1:
                 img = np.repeat(img, 3, axis=-1)
         cell = f[f[self.GT_KEY][j, 0]]
