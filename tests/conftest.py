@@ -39,19 +39,30 @@ def sample_images():
     return SAMPLE_IMAGES
 
 
-def assert_close(actual, expected, *, rtol_of_max=None, atol=None, name="value"):
-    """Assert |actual - expected| <= tol elementwise, printing max and mean differences.
+def _as_float64(x):
+    """numpy float64 view of an array, a JAX array or a torch tensor (detached, on the CPU)."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, np.float64)
 
-    ``rtol_of_max`` scales the tolerance by max |expected| (a relative-to-scale bound that
-    does not blow up on values near zero); ``atol`` is absolute.
+
+def assert_close(actual, expected, *, rtol_of_max=None, atol=None, scale_floor=0.0, name="value"):
+    """Assert |actual - expected| <= atol + rtol_of_max * scale elementwise, where
+    scale = max(scale_floor, max |expected|), and that every value of ``actual`` is finite.
+
+    ``rtol_of_max`` is a relative-to-scale bound that does not blow up on values near zero;
+    ``scale_floor`` keeps the scale from falling below a floor (e.g. 1.0 for a bound that is
+    absolute on small values and relative on large ones); ``atol`` is absolute.  Accepts numpy
+    and JAX arrays and torch tensors.  Returns the worst absolute difference.
     """
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
+    actual = _as_float64(actual)
+    expected = _as_float64(expected)
     assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
     diff = np.abs(actual - expected)
-    scale = float(np.max(np.abs(expected))) if expected.size else 0.0
+    scale = max(float(scale_floor), float(np.max(np.abs(expected))) if expected.size else 0.0)
     tol = (atol or 0.0) + (rtol_of_max or 0.0) * scale
     worst = float(diff.max()) if diff.size else 0.0
     assert worst <= tol, (f"{name}: max |diff| {worst:.3e} > tol {tol:.3e} "
-                          f"(mean |diff| {float(diff.mean()):.3e}, max |expected| {scale:.3e})")
+                          f"(mean |diff| {float(diff.mean()):.3e}, scale {scale:.3e})")
     return worst

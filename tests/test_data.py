@@ -1,4 +1,10 @@
-"""Tests of the data loaders (xai/data.py) on small files written in the real formats."""
+"""The data loaders of xai/eval/data.py on small files written in the real formats: the
+ImageNet class-folder and flat layouts (labels files, wnid subsets, errors), the segmentation
+.mat file, and load_image01 as exactly the transform of mamba_jax.preprocess (whose geometry
+and values test_preprocess.py checks).
+
+Tolerances: none; every comparison is exact (assert_array_equal or ==).
+"""
 
 import warnings
 from pathlib import Path
@@ -8,55 +14,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mamba_jax.preprocess import to_unit
 from xai.eval import data
-
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 
 
 def _rgb(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-# --------------------------------------------------------------------------- transform
-
-
-def test_normalize():
-    x = np.zeros((1, 2, 2, 3), np.float32)
-    got = np.asarray(data.normalize(x))
-    want = -np.array(data.IMAGENET_MEAN) / np.array(data.IMAGENET_STD)
-    np.testing.assert_allclose(got[0, 0, 0], want, rtol=1e-6)
-
-
-def test_resize_and_crop_geometry():
-    assert data.resized_size(300, 200) == (336, 224)
-    assert data.resized_size(333, 500) == (224, 336)  # int(336.34) truncated
-    assert data.resized_size(500, 375) == (298, 224)  # int(298.67) truncated
-    assert data.resized_size(224, 224) == (224, 224)
-    assert data.center_crop_box(224, 336) == (0, 56)
-    # Python's round: halves go to even.
-    assert data.center_crop_box(225, 227) == (0, 2)
-    assert data.center_crop_box(229, 231) == (2, 4)
-
-
-def test_load_image01_resize_then_crop(tmp_path):
-    img = _rgb(200, 301)  # w 301 -> int(224 * 301 / 200) = 337, crop left round(56.5) = 56
-    path = tmp_path / "x.png"
-    Image.fromarray(img).save(path)
-    got = data.load_image01(path)
-    assert got.shape == (224, 224, 3) and got.dtype == np.float32
-    resized = np.asarray(Image.fromarray(img).resize((337, 224), Image.BILINEAR))
-    np.testing.assert_array_equal(got, resized[:, 56:280].astype(np.float32) / np.float32(255))
-    np.testing.assert_array_equal(data.load_image01(Image.fromarray(img)), got)
-    # Grey and RGBA inputs become RGB.
-    Image.fromarray(img[..., 0]).save(tmp_path / "g.png")
-    grey = data.load_image01(tmp_path / "g.png")
-    np.testing.assert_array_equal(grey[..., 0], grey[..., 2])
-
-
-@pytest.mark.skipif(not SHARED_IMAGES.is_dir(), reason="shared sample images absent (../shared)")
-def test_load_shared_jpeg():
-    x = data.load_image01(SHARED_IMAGES / "1.jpg")
-    assert x.shape == (224, 224, 3) and 0.0 <= x.min() and x.max() <= 1.0
+def test_load_image01_is_the_preprocess_transform(tmp_path):
+    img = _rgb(200, 301)
+    Image.fromarray(img).save(tmp_path / "x.png")
+    got = data.load_image01(tmp_path / "x.png")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, to_unit(tmp_path / "x.png"))
+    np.testing.assert_array_equal(data.load_image01(Image.fromarray(img), size=64), to_unit(img, 64))
 
 
 # --------------------------------------------------------------------------- ImageNet folder

@@ -1,9 +1,20 @@
-"""Hidden attention against the exact identity y = alpha u + D u on real layers."""
+"""xai/hidden_attention.py on real layers of a tiny random model: hidden attention against the
+exact identity y = alpha u + D u (sequential scan as oracle), its triangular structure and
+layer/channel selection against the full tensor, chunked vs unchunked, the class-token rows
+(exact and official) against a float64 formula, and the reduced quantities against the full
+tensor.
+
+Tolerances: identity 2e-5 of max |y| in float32, 1e-10 in float64; structure exactly zero;
+selections, chunking and reductions vs the full float32 tensor rtol 1e-5 to 1e-6 with atol
+1e-6 to 1e-8 (same maths, different chunking or summation order); class-token rows vs the
+float64 formula 1e-5 of their max (float32 exp of suffix sums).
+"""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from mamba_jax import VimConfig, init_params, ssm, vim_apply
 from xai.hidden_attention import channel_reduced_matrix, hidden_attention, layer_A, official_cls_vector
@@ -81,9 +92,26 @@ def test_chunked_equals_unchunked(model):
     np.testing.assert_allclose(m2[1], combined.min(axis=(1, 2, 3)), rtol=1e-6)
 
 
+def _np_row(delta, A, B, C, pos, last):
+    """Independent float64 oracle of one class-token row [E, L] of one branch, by the formula:
+    row[e, j] = sum_n C_pos[n] exp(A[e, n] sum_{j < k < last} delta_k[e]) delta_j[e] B_j[n] for
+    j < last, 0 after.  last = pos + 1: the exact row alpha[pos] (diagonal included);
+    last = pos: the official vector (decay product stops at pos - 1, diagonal 0)."""
+    delta, A, B, C = (np.asarray(x, np.float64) for x in (delta, A, B, C))
+    row = np.zeros((delta.shape[1], delta.shape[0]))
+    for j in range(last):
+        decay = np.exp(delta[j + 1:last].sum(0)[:, None] * A)  # [E, N]
+        row[:, j] = (decay * C[pos] * B[j]).sum(-1) * delta[j]
+    return row
+
+
 def test_official_vector_is_truncated_exact_row(model):
     """Where the decay product is empty (j = pos - 1) the official and exact rows agree up to
-    the omitted factor exp(delta_pos A); the official diagonal is 0."""
+    the omitted factor exp(delta_pos A); the official diagonal is 0.
+
+    Values: one float64 formula (_np_row) reproduces the class-token row of the full
+    hidden_attention matrix of both branches (decay through pos) and the official vector
+    (decay stopping at pos - 1), on the captured delta, B, C and the real A of layer 0."""
     params, images = model
     _, inter = vim_apply(CFG, params, images, capture=True)
     br = {n: {k: v[0] for k, v in inter[n].items()} for n in ("fwd", "bwd")}
@@ -105,6 +133,21 @@ def test_official_vector_is_truncated_exact_row(model):
     np.testing.assert_allclose(v0[:, :, :pos], ex0[0][:, :, :pos], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(v0[:, :, pos + 1:], ex0[1][:, :, ::-1][:, :, pos + 1:], rtol=1e-5, atol=1e-6)
     assert alpha.shape[-1] == 17
+    # values with the real A: the backward branch is computed on the reversed sequence at
+    # L - 1 - pos (captured in scan order) and flipped back to original positions
+    L = alpha.shape[-1]
+    for b in range(images.shape[0]):
+        rows = {}
+        for name, A, p in (("fwd", A_f, pos), ("bwd", A_b, L - 1 - pos)):
+            d, B, C = (br[name][k][b] for k in ("delta", "B", "C"))
+            flip = (lambda r: r[:, ::-1]) if name == "bwd" else (lambda r: r)
+            rows[name] = flip(_np_row(d, A, B, C, p, p + 1)), flip(_np_row(d, A, B, C, p, p))
+        assert_close(alpha[b, 0, :, pos], rows["fwd"][0], rtol_of_max=1e-5, name=f"image {b}: alpha_fwd[pos]")
+        assert_close(alpha[b, 1, :, pos], rows["bwd"][0], rtol_of_max=1e-5, name=f"image {b}: alpha_bwd[pos]")
+        official = np.concatenate([rows["fwd"][1][:, :pos + 1], rows["bwd"][1][:, pos + 1:]], axis=1)
+        assert_close(v[b], official, rtol_of_max=1e-5, name=f"image {b}: official vector")
+        # the oracle's two rows differ (the omitted factor matters on this model)
+        assert np.abs(rows["fwd"][1] - rows["fwd"][0]).max() > 1e-3 * np.abs(rows["fwd"][0]).max()
 
 
 def test_map_hidden_attention_consumes_layer_by_layer(model):

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from mamba_jax.pallas_scan import selective_scan_pallas, selective_scan_ref
 
@@ -32,16 +33,6 @@ def make_inputs(seed, Bsz, L, E, N, dt_shift=-1.0):
     dt_bias = np.float32(0.5) * normal(E)
     z = normal(Bsz, L, E)
     return [u, dt, A, B, C, D, dt_bias, z]
-
-
-def check_close(actual, expected, rtol, name):
-    actual = np.asarray(actual, np.float64)
-    expected = np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, f"{name}: {actual.shape} != {expected.shape}"
-    assert np.all(np.isfinite(actual)), f"{name}: non-finite values"
-    worst = float(np.max(np.abs(actual - expected)))
-    scale = max(float(np.max(np.abs(expected))), 1e-30)
-    assert worst <= rtol * scale, f"{name}: max |diff| {worst:.3e} > {rtol:.0e} * max |ref| {scale:.3e}"
 
 
 def vjp_both(args, has_z, ct, **kw):
@@ -73,7 +64,7 @@ def test_forward_matches_reference(L, N, has_z, block_e):
     assert y.shape == (2, L, E) and y.dtype == jnp.float32
     diff = float(jnp.max(jnp.abs(y - y_ref)))
     assert diff <= 1e-5 * max(1.0, float(jnp.max(jnp.abs(y_ref)))), diff
-    check_close(y, y_ref, 1e-5, "y")
+    assert_close(y, y_ref, rtol_of_max=1e-5, scale_floor=1e-30, name="y")
 
 
 @pytest.mark.parametrize(
@@ -88,10 +79,10 @@ def test_gradients_match_reference(L, N, has_z, block_e, chunk, save_states):
     ct = np.random.default_rng(7).normal(size=(2, L, E)).astype(np.float32)
     y, y_ref, grads, grads_ref = vjp_both(args, has_z, ct, block_e=block_e, chunk=chunk,
                                           save_states=save_states)
-    check_close(y, y_ref, 1e-5, "y")
+    assert_close(y, y_ref, rtol_of_max=1e-5, scale_floor=1e-30, name="y")
     assert len(grads) == (8 if has_z else 7)
     for name, g, g_ref in zip(NAMES[: len(grads)], grads, grads_ref, strict=True):
-        check_close(g, g_ref, 1e-4, f"d{name}")
+        assert_close(g, g_ref, rtol_of_max=1e-4, scale_floor=1e-30, name=f"d{name}")
 
 
 def test_extreme_dt_is_finite_and_matches():
@@ -103,10 +94,10 @@ def test_extreme_dt_is_finite_and_matches():
     args[1] = args[1] * np.float32(0.1) + np.resize(pattern, (L,))[None, :, None]
     ct = np.random.default_rng(8).normal(size=(2, L, E)).astype(np.float32)
     y, y_ref, grads, grads_ref = vjp_both(args, True, ct, block_e=16, chunk=8)
-    check_close(y, y_ref, 1e-5, "y")
+    assert_close(y, y_ref, rtol_of_max=1e-5, scale_floor=1e-30, name="y")
     for name, g, g_ref in zip(NAMES[: len(grads)], grads, grads_ref, strict=True):
         assert np.all(np.isfinite(np.asarray(g_ref))), name
-        check_close(g, g_ref, 1e-4, f"d{name}")
+        assert_close(g, g_ref, rtol_of_max=1e-4, scale_floor=1e-30, name=f"d{name}")
 
 
 def test_rejects_bad_block_and_shapes():

@@ -5,7 +5,8 @@ re-derived in numpy float64 from SPEC's closed form (hidden attention), the offi
 token vector is a literal loop transcription of SPEC section 3, and the methods of SPEC
 section 4 are recomposed in numpy from explicit L x L matrices.
 
-Tolerances (float64 everywhere unless stated):
+Tolerances (float64 everywhere unless stated), each of max(1, max |expected|)
+(conftest.assert_close with scale_floor=1.0):
   _TOL_F64 = 1e-10  same maths, different summation order (sequential vs closed form)
   _TOL_FD  = 1e-6   central finite difference with step 1e-5 (truncation ~ step^2)
 """
@@ -17,6 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_close
 
 from convert.reference import (
     VimReference,
@@ -50,17 +52,6 @@ def _one_torch_thread():
 
 TINY = VimConfig(embed_dim=12, depth=3, img_size=32, patch_size=8, stride=8, num_classes=5,
                  d_state=4, dt_rank=2)
-
-
-def assert_close(actual, expected, tol, what=""):
-    a = np.asarray(actual.detach() if isinstance(actual, torch.Tensor) else actual, dtype=np.float64)
-    e = np.asarray(expected.detach() if isinstance(expected, torch.Tensor) else expected, dtype=np.float64)
-    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
-    diff = np.abs(a - e)
-    scale = max(1.0, float(np.abs(e).max(initial=0.0)))
-    assert np.all(np.isfinite(a)), f"{what}: non-finite values"
-    assert diff.max(initial=0.0) <= tol * scale, (
-        f"{what}: max diff {diff.max():.3e}, mean diff {diff.mean():.3e}, tol {tol:.1e} x {scale:.2g}")
 
 
 def make_model(cfg: VimConfig, seed: int = 0) -> VimReference:
@@ -206,9 +197,10 @@ def test_sequential_scan_matches_closed_form():
     t = torch.from_numpy
     y = selective_scan(t(u), t(delta), t(A), t(B), t(C), t(D))
     expected = np.stack([np_scan(u[b], delta[b], A, B[b], C[b], D) for b in range(bt)])
-    assert_close(y, expected, _TOL_F64, "scan")
+    assert_close(y, expected, rtol_of_max=_TOL_F64, scale_floor=1.0, name="scan")
     alpha = hidden_attention(t(delta), t(A), t(B), t(C))
-    assert_close(alpha, np.stack([np_alpha(delta[b], A, B[b], C[b]) for b in range(bt)]), _TOL_F64, "alpha")
+    assert_close(alpha, np.stack([np_alpha(delta[b], A, B[b], C[b]) for b in range(bt)]),
+                 rtol_of_max=_TOL_F64, scale_floor=1.0, name="alpha")
 
 
 @pytest.mark.parametrize("bimamba", ["v2", "v1", "none"])
@@ -220,7 +212,8 @@ def test_hidden_attention_identity_on_captured_branches(bimamba):
     for layer in range(cfg.depth):
         fwd, bwd = full_attention_from_capture(cap, layer)
         f = cap["layers"][layer]["fwd"]
-        assert_close(f["y"], torch.einsum("bdtj,bjd->btd", fwd, f["u"]) + f["D"] * f["u"], _TOL_F64, "fwd")
+        assert_close(f["y"], torch.einsum("bdtj,bjd->btd", fwd, f["u"]) + f["D"] * f["u"],
+                     rtol_of_max=_TOL_F64, scale_floor=1.0, name="fwd")
         assert torch.all(fwd.triu(1) == 0)
         if bimamba == "none":
             assert bwd is None and "bwd" not in cap["layers"][layer]
@@ -228,7 +221,7 @@ def test_hidden_attention_identity_on_captured_branches(bimamba):
         b = cap["layers"][layer]["bwd"]
         u_orig = b["u"].flip(1)
         y_orig = torch.einsum("bdtj,bjd->btd", bwd, u_orig) + b["D"] * u_orig
-        assert_close(b["y"].flip(1), y_orig, _TOL_F64, "bwd")
+        assert_close(b["y"].flip(1), y_orig, rtol_of_max=_TOL_F64, scale_floor=1.0, name="bwd")
         assert torch.all(bwd.tril(-1) == 0)
 
 
@@ -273,13 +266,13 @@ def test_forward_matches_numpy_oracle(flags):
     logits, cap = model(x, capture=True)
     sd = np_sd(model)
     expected = np.stack([np_forward(sd, cfg, img) for img in x.numpy()])
-    assert_close(logits, expected, _TOL_F64, f"logits {flags}")
-    assert_close(model(x), logits, 0.0, "capture does not change logits")
+    assert_close(logits, expected, rtol_of_max=_TOL_F64, scale_floor=1.0, name=f"logits {flags}")
+    assert_close(model(x), logits, atol=0.0, name="capture does not change logits")
     L, D = cfg.seq_len, cfg.embed_dim
     assert len(cap["residual"]) == len(cap["layers"]) == cfg.depth
     assert all(r.shape == (2, L, D) for r in cap["residual"])
     tokens = np.stack([np_tokens(sd, cfg, img) for img in x.numpy()])
-    assert_close(cap["residual"][0], tokens, _TOL_F64, "r_0")
+    assert_close(cap["residual"][0], tokens, rtol_of_max=_TOL_F64, scale_floor=1.0, name="r_0")
 
 
 @pytest.mark.parametrize("cls_token,pool", [("middle", "mean"), ("head", "mean"), ("double", "mean"),
@@ -304,7 +297,7 @@ def test_zero_out_proj_logits_are_head_of_normed_tokens(cls_token, pool):
             out.append((logits_tok[0] + logits_tok[-1]) / 2)
         else:
             out.append({"none": logits_tok[-1], "mean": logits_tok.mean(0), "max": logits_tok.max(0)}[pool])
-    assert_close(model(x), np.stack(out), _TOL_F64, "zero mixer")
+    assert_close(model(x), np.stack(out), rtol_of_max=_TOL_F64, scale_floor=1.0, name="zero mixer")
 
 
 # =============================================================================
@@ -363,7 +356,7 @@ def test_strict_load_round_trip():
     dst = VimReference(cfg).double()
     dst.load_state_dict(src.state_dict(), strict=True)
     x = images(cfg)
-    assert_close(dst(x), src(x), 0.0, "round trip")
+    assert_close(dst(x), src(x), atol=0.0, name="round trip")
     bad = dict(src.state_dict())
     del bad["layers.0.mixer.A_b_log"]
     with pytest.raises(RuntimeError, match="layers.0.mixer.A_b_log"):
@@ -426,7 +419,7 @@ def test_official_cls_vector_brute_force(flags):
     assert v.shape == (cfg.depth, 2, cfg.d_inner, cfg.seq_len)
     for layer, branches in enumerate(cap["layers"]):
         expected = np_cls_vector_literal(branches["fwd"], branches.get("bwd"), cfg.cls_pos)
-        assert_close(v[layer], expected, _TOL_F64, f"cls vector layer {layer}")
+        assert_close(v[layer], expected, rtol_of_max=_TOL_F64, scale_floor=1.0, name=f"cls vector layer {layer}")
         assert torch.all(v[layer][..., cfg.cls_pos] == 0)
 
 
@@ -441,7 +434,7 @@ def test_cls_vector_differs_from_exact_alpha_only_by_the_cls_factor():
         f["delta"][:, c] = 0.0
         v = cls_vectors_from_capture({"layers": [{"fwd": f}]}, c)[0]
         alpha = hidden_attention(f["delta"], f["A"], f["B"], f["C"])
-    assert_close(v[..., :c], alpha[:, :, c, :c], _TOL_F64, "fwd row cls")
+    assert_close(v[..., :c], alpha[:, :, c, :c], rtol_of_max=_TOL_F64, scale_floor=1.0, name="fwd row cls")
 
 
 # =============================================================================
@@ -453,10 +446,11 @@ def test_rollout_rank_one_hand_example():
     # R = M_1 M_0 (later layer on the left)
     a = torch.tensor([[[1.0, 0.0, 0.0]], [[0.0, 0.0, 1.0]]], dtype=torch.float64)
     expected = np.array([[0.75, 0.0, 0.25], [0.5, 0.25, 0.25], [0.5, 0.0, 0.5]])
-    assert_close(rollout(a)[0], expected, _TOL_F64, "rollout")
+    assert_close(rollout(a)[0], expected, rtol_of_max=_TOL_F64, scale_floor=1.0, name="rollout")
     # a single layer with a = [0.1, 0.2, 0.3]: rows (e_i + a) / 1.6
     one = rollout(torch.tensor([[[0.1, 0.2, 0.3]]], dtype=torch.float64))[0]
-    assert_close(one, np.array([[1.1, 0.2, 0.3], [0.1, 1.2, 0.3], [0.1, 0.2, 1.3]]) / 1.6, _TOL_F64, "one")
+    assert_close(one, np.array([[1.1, 0.2, 0.3], [0.1, 1.2, 0.3], [0.1, 0.2, 1.3]]) / 1.6,
+                 rtol_of_max=_TOL_F64, scale_floor=1.0, name="one")
 
 
 def np_minmax(x):
@@ -492,12 +486,13 @@ def test_methods_match_numpy_recomposition(flags):
     for b in range(x.shape[0]):
         layers = range(start, cfg.depth)
         raw_row = np.mean([np_minmax(v[i, b]).mean(0) for i in layers], axis=0)
-        assert_close(raw[b], np_to_map(raw_row, cfg), _TOL_F64, "raw")
+        assert_close(raw[b], np_to_map(raw_row, cfg), rtol_of_max=_TOL_F64, scale_floor=1.0, name="raw")
         roll_row = np_rollout_row([v[i, b].mean(0) for i in layers], cfg.cls_pos)
-        assert_close(roll[b], np_to_map(roll_row, cfg), _TOL_F64, "rollout")
+        assert_close(roll[b], np_to_map(roll_row, cfg), rtol_of_max=_TOL_F64, scale_floor=1.0, name="rollout")
         f = [np_minmax(np.clip(v[i, b], 0, None)).mean(0) * np_minmax(np.clip(g[i, b], 0, None).max(-1))
              for i in layers]
-        assert_close(attr[b], np_to_map(np_rollout_row(f, cfg.cls_pos), cfg), _TOL_F64, "attribution")
+        assert_close(attr[b], np_to_map(np_rollout_row(f, cfg.cls_pos), cfg),
+                     rtol_of_max=_TOL_F64, scale_floor=1.0, name="attribution")
 
 
 def test_residual_gradients_finite_difference():
@@ -519,16 +514,17 @@ def test_residual_gradients_finite_difference():
 
         with torch.no_grad():
             fd = (logit(eps) - logit(-eps)) / (2 * eps)
-        assert_close((g[layer] * V).sum((1, 2)), fd, _TOL_FD, f"d logit / d r_{layer}")
+        assert_close((g[layer] * V).sum((1, 2)), fd,
+                     rtol_of_max=_TOL_FD, scale_floor=1.0, name=f"d logit / d r_{layer}")
 
 
 def test_target_int_and_default_argmax():
     model = make_model(TINY)
     x = images(TINY)
     top = model(x).argmax(-1)
-    assert_close(residual_gradients(model, x), residual_gradients(model, x, target=top), 0.0, "argmax")
+    assert_close(residual_gradients(model, x), residual_gradients(model, x, target=top), atol=0.0, name="argmax")
     g2 = residual_gradients(model, x, target=2)
-    assert_close(g2, residual_gradients(model, x, target=[2, 2]), 0.0, "int")
+    assert_close(g2, residual_gradients(model, x, target=[2, 2]), atol=0.0, name="int")
     with pytest.raises(ValueError):
         residual_gradients(model, x, target=[0, 1, 2])
 
@@ -545,7 +541,8 @@ def test_hook_sees_next_residual_gradient_when_fused(fused):
     total = residual_gradients(model, x, target=[1, 3])
     expected = total[1:] if fused else total[:-1]
     for layer in range(cfg.depth):
-        assert_close(hooks[layer], expected[layer], _TOL_F64, f"hook of layer {layer}")
+        assert_close(hooks[layer], expected[layer],
+                     rtol_of_max=_TOL_F64, scale_floor=1.0, name=f"hook of layer {layer}")
     # the two readings differ on this model, so the check above can tell them apart
     other = total[:-1] if fused else total[1:]
     assert float((hooks - other).abs().max()) > 1e-3 * float(other.abs().max())
@@ -558,11 +555,11 @@ def test_fused_add_norm_keeps_the_forward_and_parameter_gradients(rms_norm):
     fused, plain = make_model(cfg, seed=5), make_model(cfg.replace(fused_add_norm=False), seed=5)
     x = images(cfg)
     out_f, out_p = fused(x), plain(x)
-    assert_close(out_f, out_p, _TOL_F64, "logits")
+    assert_close(out_f, out_p, rtol_of_max=_TOL_F64, scale_floor=1.0, name="logits")
     out_f[:, 1].sum().backward()
     out_p[:, 1].sum().backward()
     for (name, p_f), (_, p_p) in zip(fused.named_parameters(), plain.named_parameters()):
-        assert_close(p_f.grad, p_p.grad, _TOL_F64, f"grad of {name}")
+        assert_close(p_f.grad, p_p.grad, rtol_of_max=_TOL_F64, scale_floor=1.0, name=f"grad of {name}")
 
 
 @pytest.mark.parametrize("method", [raw_attention, attention_rollout, mamba_attribution])
@@ -575,7 +572,7 @@ def test_maps_per_image_equal_batch_of_one(method):
     assert torch.all(maps >= 0)
     for i in range(3):
         single = method(model, x[i:i + 1], start_layer=1)[0]
-        assert_close(maps[i], single, _TOL_F64, f"{method.__name__} image {i}")
+        assert_close(maps[i], single, rtol_of_max=_TOL_F64, scale_floor=1.0, name=f"{method.__name__} image {i}")
 
 
 def test_start_layer_validated():

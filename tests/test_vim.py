@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close
 
 from mamba_jax import VimConfig, init_params, vim_apply
 from mamba_jax.options import Options
-from tests.conftest import assert_close
 
 CFG = VimConfig(embed_dim=16, depth=2, img_size=32, patch_size=8, stride=8, num_classes=5, d_state=5)
 
