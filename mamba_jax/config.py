@@ -105,6 +105,16 @@ class VimConfig:
         return self.expand * self.embed_dim
 
     @property
+    def conv_bias(self) -> bool:
+        """The causal conv has a bias (every Vim does)."""
+        return True
+
+    @property
+    def proj_bias(self) -> bool:
+        """in_proj and out_proj have biases (no Vim does)."""
+        return False
+
+    @property
     def rank(self) -> int:
         """R, the delta projection rank (``dt_rank``, resolved)."""
         return self.dt_rank if self.dt_rank is not None else math.ceil(self.embed_dim / 16)

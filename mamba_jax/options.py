@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from mamba_jax.ssm import SCAN_METHODS, ScanMethod
 
 PRECISIONS = (None, "default", "high", "highest")
+LRP_RULES = ("norm", "silu", "ssm", "gate")  # MambaLRP's four rules (mamba_jax.mixer, SPEC section 7)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -32,12 +33,16 @@ class Options:
       remat: under a gradient, recompute each captured layer in the backward pass
         (``jax.checkpoint``) instead of keeping its internals: less memory, one more forward
         pass of those layers.
+      lrp_rules: MambaLRP rules, any of ``LRP_RULES`` (``mamba_jax.mixer``): they hold some
+        factors constant under differentiation, so the values are unchanged and only the
+        gradient differs (input x gradient then conserves relevance). Empty: the plain gradient.
     """
 
     dtype: Any = None
     precision: str | None = "highest"
     scan_method: ScanMethod = "auto"
     remat: bool = False
+    lrp_rules: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.scan_method not in SCAN_METHODS:
@@ -47,6 +52,13 @@ class Options:
         if self.dtype is not None:  # one hashable spelling per dtype: jnp.bfloat16 == "bfloat16"
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         object.__setattr__(self, "remat", bool(self.remat))
+        if isinstance(self.lrp_rules, str):
+            raise ValueError(f"lrp_rules must be a collection of rule names, got the string {self.lrp_rules!r}")
+        unknown = [r for r in self.lrp_rules if r not in LRP_RULES]
+        if unknown:
+            raise ValueError(f"unknown LRP rule(s) {unknown}; expected any of {LRP_RULES}")
+        # one hashable spelling per set of rules, in the canonical order
+        object.__setattr__(self, "lrp_rules", tuple(r for r in LRP_RULES if r in set(self.lrp_rules)))
 
     def replace(self, **changes) -> Options:
         return dataclasses.replace(self, **changes)

@@ -6,21 +6,13 @@ names follow the official state dict (``patch_embed.proj``, ``layers.i.norm``,
 axis under ``params["layers"]`` and run with ``jax.lax.scan`` (one compiled layer body;
 two scans when the first layers are run uncaptured, see ``start_layer``).
 
-Code name -> paper / official name:
-    residual  the residual stream entering a block's norm (``residual`` in the
-              official ``Block``; the quantity the attribution gradients are taken of)
-    h         the normed block input (``hidden_states``)
-    x, z      the two halves of ``in_proj(h)``: scan input and gate
-    u         silu(causal_conv1d(x)), the scan input of ``ssm.selective_scan``
-    delta, B, C   see ``ssm.py``; ``y`` the scan output before the gate
-    fwd / bwd the forward branch and the backward branch (bimamba); backward-branch
-              intermediates are kept in the backward scan's own (reversed) order.
+The block (norms, causal conv, mixer, fused add + norm) is ``mamba_jax.mixer``'s, shared with
+the Mamba language model; its docstring is the glossary from code names to paper symbols.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -28,181 +20,14 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from mamba_jax import ssm
 from mamba_jax.config import VimConfig
+from mamba_jax.mixer import Block, make_norm
 from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
 from mamba_jax.options import Options
 
 Params = Any
 
-# ---------------------------------------------------------------- initializers
-def _a_log_init(key, shape, dtype=jnp.float32):
-    """Mamba's S4D-real init: A = -(1, 2, ..., N) in every channel."""
-    del key
-    E, N = shape
-    return jnp.log(jnp.broadcast_to(jnp.arange(1, N + 1, dtype=dtype), (E, N)))
-
-
-def _dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1e-4):
-    """softplus(bias) is log-uniform in [dt_min, dt_max] (Mamba's init)."""
-    dt = jnp.exp(jax.random.uniform(key, shape, dtype) * (math.log(dt_max) - math.log(dt_min))
-                 + math.log(dt_min))
-    dt = jnp.maximum(dt, floor)
-    return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
-
-
-def _uniform(scale):
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -scale, scale)
-    return init
-
-
 _trunc_normal = nn.initializers.truncated_normal(0.02)
-
-
-# --------------------------------------------------------------------- modules
-class RMSNorm(nn.Module):
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps) * weight
-
-
-class LayerNorm(nn.Module):
-    eps: float = 1e-5
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.eps) * weight + bias
-
-
-def make_norm(config: VimConfig, name: str) -> nn.Module:
-    return (RMSNorm if config.rms_norm else LayerNorm)(eps=config.norm_eps, name=name)
-
-
-class CausalConv1d(nn.Module):
-    """Depthwise causal conv over the sequence: [B, L, E] -> [B, L, E].
-
-    ``kernel[k, e]`` is the official ``conv1d.weight[e, 0, k]``; left zero padding
-    ``width - 1`` makes output t depend on inputs t - width + 1 .. t.
-    """
-
-    width: int
-
-    @nn.compact
-    def __call__(self, x):
-        E = x.shape[-1]
-        scale = 1.0 / math.sqrt(self.width)
-        kernel = self.param("kernel", _uniform(scale), (self.width, E))
-        bias = self.param("bias", _uniform(scale), (E,))
-        L = x.shape[-2]
-        padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(self.width - 1, 0), (0, 0)])
-        out = sum(padded[..., k:k + L, :] * kernel[k] for k in range(self.width))
-        return out + bias
-
-
-def _scan_batch(u, delta, A, B, C, D, method):
-    scan = functools.partial(ssm.selective_scan, method=method)
-    return jax.vmap(scan, in_axes=(0, 0, None, 0, 0, None))(u, delta, A, B, C, D)
-
-
-class Mixer(nn.Module):
-    """The (bidirectional) Mamba mixer of one block: h [B, L, D] -> (out [B, L, D], intermediates).
-
-    The intermediates of a branch are the scan's inputs ``u, delta, B, C`` and the gate ``z``,
-    the same on every scan path (the fused kernel never writes the pre-gate ``y`` to memory;
-    ``ssm.selective_scan`` recomputes it from them exactly).
-    """
-
-    config: VimConfig
-    options: Options = DEFAULT_OPTIONS
-
-    def branch_inputs(self, x, s: str):
-        """conv1d{s} -> silu -> x_proj{s} -> dt_proj{s}: u, dt, B, C, A, D (delta = softplus(dt)).
-
-        ``s`` is "" for the forward branch and "_b" for the backward one, giving the
-        official parameter names (``conv1d_b``, ``x_proj_b``, ``A_b_log``, ``D_b``).
-        """
-        cfg = self.config
-        E, N, R = cfg.d_inner, cfg.d_state, cfg.rank
-        u = nn.silu(CausalConv1d(cfg.d_conv, name=f"conv1d{s}")(x))
-        o = self.options
-        x_dbl = nn.Dense(R + 2 * N, use_bias=False, precision=o.precision, dtype=o.dtype, name=f"x_proj{s}")(u)
-        dt_low, B, C = x_dbl[..., :R], x_dbl[..., R:R + N], x_dbl[..., R + N:]
-        dt = nn.Dense(E, precision=o.precision, dtype=o.dtype, kernel_init=_uniform(R ** -0.5),
-                      bias_init=_dt_bias_init, name=f"dt_proj{s}")(dt_low)
-        A_log = self.param("A_b_log" if s else "A_log", _a_log_init, (E, N))
-        D = self.param("D" + s, nn.initializers.ones, (E,))
-        return u, dt, B, C, -jnp.exp(A_log), D
-
-    def branch(self, u, dt, B, C, A, D, z):
-        """The gated scan output y * silu(z) and the branch's intermediates."""
-        u, dt, B, C, z = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (u, dt, B, C, z))
-        delta = jax.nn.softplus(dt)
-        method = ssm.resolve_scan(self.options.scan_method, u.shape[0])
-        caps = dict(u=u, delta=delta, B=B, C=C, z=z)
-        if method == "pallas":
-            # fused GPU kernel: softplus, discretization, D skip and gate in one pass (interpret
-            # mode off the GPU, for tests)
-            from mamba_jax.pallas_scan import selective_scan_pallas
-
-            return selective_scan_pallas(u, dt, A, B, C, D, jnp.zeros_like(D), z, block_e=64, num_warps=4,
-                                         interpret=jax.default_backend() != "gpu"), caps
-        y = _scan_batch(u, delta, A, B, C, D, method)
-        return y * nn.silu(z), caps
-
-    @nn.compact
-    def __call__(self, h):
-        cfg = self.config
-        E = cfg.d_inner
-        o = self.options
-        xz = nn.Dense(2 * E, use_bias=False, precision=o.precision, dtype=o.dtype, name="in_proj")(h)
-        x, z = xz[..., :E], xz[..., E:]
-        flip = functools.partial(jnp.flip, axis=-2)
-
-        u, dt, B, C, A, D = self.branch_inputs(x, "")
-        out, cap_f = self.branch(u, dt, B, C, A, D, z)
-        caps = {"fwd": cap_f}
-        if cfg.bimamba == "v2":
-            out_b, caps["bwd"] = self.branch(*self.branch_inputs(flip(x), "_b"), flip(z))
-            out = out + flip(out_b)
-            if cfg.divide_out:
-                out = out / 2
-        elif cfg.bimamba == "v1":
-            # official bimamba_inner_fn: one conv and projection on the forward sequence;
-            # the backward scan reads them reversed, with its own A (A_b_log) and the same D.
-            A_b = -jnp.exp(self.param("A_b_log", _a_log_init, (E, cfg.d_state)))
-            out_b, caps["bwd"] = self.branch(flip(u), flip(dt), flip(B), flip(C), A_b, D, flip(z))
-            out = out + flip(out_b)  # the official v1 path never divides by 2
-        out = nn.Dense(cfg.embed_dim, use_bias=False, precision=o.precision, dtype=o.dtype, name="out_proj")(out)
-        return out.astype(jnp.promote_types(out.dtype, jnp.float32)), caps
-
-
-class Block(nn.Module):
-    """One residual block with fused add + norm, the ``lax.scan`` body over layers.
-
-    carry = (residual_{l-1}, m_{l-1}); residual_l = residual_{l-1} + m_{l-1} + perturb_l.
-    ``perturb_l`` is zero in a plain forward pass; its gradient is d out / d residual_l.
-    """
-
-    config: VimConfig
-    options: Options = DEFAULT_OPTIONS
-    capture: bool = False
-
-    @nn.compact
-    def __call__(self, carry, perturb):
-        residual, m = carry
-        residual = residual + m + perturb
-        h = make_norm(self.config, "norm")(residual)
-        m, caps = Mixer(self.config, self.options, name="mixer")(h)
-        out = {"residual": residual, **caps} if self.capture else None
-        return (residual, m), out
 
 
 class PatchEmbed(nn.Module):
@@ -220,7 +45,8 @@ class PatchEmbed(nn.Module):
 class VisionMamba(nn.Module):
     """The Vim classifier: NHWC images -> (logits, intermediates).
 
-    ``intermediates`` is empty unless ``capture``; then it holds, stacked over the layers
+    ``intermediates`` holds ``tokens`` [B, L, D] (the embedded input: patches, class token and
+    position embedding) and, with ``capture``, stacked over the layers
     ``start_layer .. depth - 1`` (n of them): ``residual`` [n, B, L, D], and per branch
     ``fwd`` / ``bwd`` the scan inputs ``u, delta`` and the gate ``z`` [n, B, L, E] and ``B, C``
     [n, B, L, N]; plus ``tokens`` [B, L, D] (embedded input) and ``final`` [B, L, D]
@@ -287,7 +113,7 @@ class VisionMamba(nn.Module):
         residual = residual + m  # r_depth, the residual stream entering norm_f
         if final_perturb is not None:
             residual = residual + final_perturb
-        final = make_norm(cfg, "norm_f")(residual)
+        final = make_norm(cfg, "norm_f", self.options)(residual)
         head = nn.Dense(cfg.num_classes, precision=self.options.precision, dtype=self.options.dtype,
                         kernel_init=_trunc_normal,
                         name="head")
@@ -303,7 +129,7 @@ class VisionMamba(nn.Module):
             logits = jnp.max(head(final), axis=1)
         else:  # "all": per-token logits
             logits = head(final)
-        inter = {}
+        inter = {"tokens": tokens}  # always: the input of relevance propagation (xai.lrp)
         if self.capture:
             inter = dict(caps, tokens=tokens, final=final)
         return logits, inter
