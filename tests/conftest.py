@@ -19,6 +19,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 SAMPLE_IMAGES = sorted((SHARED / "data" / "images").glob("*.jpg")) if (SHARED / "data").is_dir() else []
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+# The command lines keep a persistent compilation cache (xai.app.compile_cache): never in the
+# home folder from the tests (tests/test_compile_cache.py gives its runs their own folder).
+os.environ["MAMBA_JAX_CACHE"] = "off"
 
 
 @pytest.fixture

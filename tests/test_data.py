@@ -187,3 +187,43 @@ def test_segmentation_file_errors(tmp_path):
     not_hdf5.write_bytes(b"MATLAB 5.0 MAT-file" + bytes(200))
     with pytest.raises(OSError, match="v5.mat"):
         data.ImagenetSegmentation(not_hdf5)
+
+
+# --------------------------------------------------------------------------- prefetch
+
+
+def test_prefetch_order_errors_and_early_close():
+    import threading
+
+    from xai.eval.data import prefetch
+
+    for depth in (0, 1, 3):
+        assert list(prefetch(range(7), depth, transform=lambda i: i * i)) == [i * i for i in range(7)]
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    got = []
+    with pytest.raises(OSError, match="disk gone"):
+        for item in prefetch(failing(), 2):
+            got.append(item)
+    assert got == [1]  # the items before the failure, then the failure itself
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()
+
+    ahead = prefetch(endless(), 2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()  # stops the thread, which closes the source
+    assert closed.wait(5)
+    with pytest.raises(ValueError):
+        list(prefetch([], -1))

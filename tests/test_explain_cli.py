@@ -115,6 +115,44 @@ def test_remat_and_bf16_flags(setup, tmp_path):
             assert worst > 1e-6 * float(np.abs(ref).max()), "--bf16 changed nothing: is it passed on?"
 
 
+def test_numerics_flags_are_the_shared_ones(monkeypatch, tmp_path):
+    """explain and evaluate parse --bf16, --scan-method and --remat with one helper into one Options, and
+    explain hands it to every explanation (spied on: nothing runs)."""
+    import argparse
+
+    import jax.numpy as jnp
+
+    from mamba_jax.options import Options
+    from xai.app import evaluate_cli, explain_cli
+    from xai.app.models import numerics_options
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    parsers = {"explain": explain_cli.add_parser(sub), "evaluate": evaluate_cli.add_parser(sub)}
+    fixed = {"explain": ["a.jpg", "--out", "o"], "evaluate": ["--shapes", "1"]}
+    for name, parser in parsers.items():
+        args = parser.parse_args([*fixed[name], "--bf16", "--scan-method", "sequential", "--remat"])
+        assert numerics_options(args) == Options(dtype=jnp.bfloat16, scan_method="sequential", remat=True), name
+        assert numerics_options(parser.parse_args(fixed[name])) == Options(), name
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*a, options=None, **k):
+        seen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(explain_cli, "explain", spy)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(image)
+    args = parsers["explain"].parse_args([str(image), "--checkpoint", "demo", "--scan-method", "associative",
+                                          "--out", str(tmp_path / "o")])
+    with pytest.raises(Stop):
+        explain_cli.run(args)
+    assert seen == [Options(scan_method="associative")]
+
+
 def _fails(argv) -> str:
     import contextlib
     import io

@@ -2,6 +2,7 @@
 
 Errors are reported as one line (``mamba-jax <command>: error: ...``, exit status 2); ``--debug``
 (anywhere on the line) shows the full traceback instead (``convert.errors.reported_errors``).
+Compiled programs go to a persistent cache (``xai.app.compile_cache``; ``MAMBA_JAX_CACHE``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    parser = argparse.ArgumentParser(prog="mamba-jax", description=__doc__,
+    from xai.app.compile_cache import HELP as CACHE_HELP
+    from xai.app.compile_cache import enable_compilation_cache
+
+    parser = argparse.ArgumentParser(prog="mamba-jax", description=__doc__, epilog=CACHE_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     explain_cli.add_parser(sub)
     evaluate_cli.add_parser(sub)
     args = parser.parse_args(argv)
+    enable_compilation_cache()  # before anything compiles
     with reported_errors(f"mamba-jax {args.command}", debug) as status:
         return int(args.run(args) or 0)
     return status[0]

@@ -11,13 +11,13 @@ import sys
 from collections.abc import Callable, Iterable
 
 import jax
-import numpy as np
 
 from mamba_jax.config import VimConfig
+from xai.app.compile_cache import HELP as CACHE_HELP
 from xai.app.files import check_output_dir, output_dir, record_outputs
-from xai.app.models import load_model, parse_methods
+from xai.app.models import add_numerics_arguments, load_model, numerics_options, parse_methods
 from xai.app.report import CURVES_PNG, RESULTS_JSON, RESULTS_MD, markdown_table, write_results
-from xai.eval.evaluate import DATA_SIZE, TARGETS, Batch, DataError, evaluate
+from xai.eval.evaluate import BASELINES, DATA_SIZE, TARGETS, TESTS, Batch, DataError, evaluate
 from xai.methods import METHODS, MODES, default_start_layer
 
 
@@ -28,13 +28,25 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _baselines(text: str) -> tuple[str, ...]:
+    """"none" or a comma list of baseline rows."""
+    if text.strip() == "none":
+        return ()
+    names = tuple(dict.fromkeys(b.strip() for b in text.split(",") if b.strip()))
+    unknown = [b for b in names if b not in BASELINES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown baseline {', '.join(map(repr, unknown)) or repr(text)}; "
+                                         f"valid: none or a comma list of {', '.join(BASELINES)}")
+    return names
+
+
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the ``evaluate`` command to ``subparsers``."""
     p = subparsers.add_parser(
         "evaluate", help="perturbation and segmentation tests of the explanation methods",
         description="Perturbation (positive/negative) and segmentation tests of the explanation methods "
                     "(SPEC section 5), with random and centre-blob baselines. Writes results.json, results.md "
-                    "and perturbation_curves.png.")
+                    "and perturbation_curves.png.", epilog=CACHE_HELP)
     p.add_argument("--checkpoint", default="demo", metavar="SRC",
                    help="'demo' (the embedded shapes model, default), a checkpoint file, a converted folder or a "
                         "hub id")
@@ -50,6 +62,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", type=parse_methods, default=METHODS, metavar="all|LIST",
                    help=f"'all' (default) or a comma list of {', '.join(METHODS)}")
     p.add_argument("--mode", choices=(*MODES, "both"), default="both", help="method mode (default both)")
+    p.add_argument("--tests", choices=(*TESTS, "both"), default="both",
+                   help="the perturbation test, the segmentation test (only where the data has masks), or both "
+                        "(default)")
+    p.add_argument("--baselines", type=_baselines, default=BASELINES, metavar="none|LIST",
+                   help=f"baseline rows: a comma list of {', '.join(BASELINES)} (default both) or none; each costs "
+                        "the perturbation test's 18 forward passes per image")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=_non_negative_int, default=None, help="evaluate only the first N images")
     p.add_argument("--start-layer", type=int, default=None,
@@ -65,6 +83,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--all-devices", action="store_true",
                    help="spread each batch over all local devices (data parallel; batch size per step)")
+    add_numerics_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -104,9 +123,9 @@ def _open_data(args, num_classes: int) -> tuple[str, int, Callable[[], Iterable[
     from xai.eval.shapes import shapes_batches
 
     n = args.shapes if limit is None else min(args.shapes, limit)
-    return f"{n} procedural shapes (seed {args.seed})", n, lambda: (
-        (np.asarray(x), np.asarray(y), np.asarray(m))
-        for x, y, m in shapes_batches(bs, args.seed, stop=n, img_size=DATA_SIZE, normalized=False))
+    # rendered on the device, where the evaluation keeps them
+    return f"{n} procedural shapes (seed {args.seed})", n, lambda: shapes_batches(
+        bs, args.seed, stop=n, img_size=DATA_SIZE, normalized=False)
 
 
 def run(args) -> int:
@@ -123,12 +142,15 @@ def run(args) -> int:
     if n == 0:
         raise DataError(f"no data: {source} has no images to evaluate")
     modes = MODES if args.mode == "both" else (args.mode,)
+    tests = TESTS if args.tests == "both" else (args.tests,)
+    options = numerics_options(args)
     print(f"evaluating {config.name or 'model'} on {source}: {n} images, methods {', '.join(args.methods)}, "
-          f"modes {', '.join(modes)}, start layer {start_layer}", file=sys.stderr)
+          f"modes {', '.join(modes)}, start layer {start_layer}, tests {', '.join(tests)}, "
+          f"{'bfloat16' if args.bf16 else 'float32'}", file=sys.stderr)
     results = evaluate(config, params, make_batches(), methods=args.methods, modes=modes,
-                       start_layer=start_layer, target=args.target, progress=not args.no_progress,
-                       total=math.ceil(n / args.batch_size),
-                       devices=jax.devices() if args.all_devices else None)
+                       start_layer=start_layer, tests=tests, target=args.target, baselines=args.baselines,
+                       progress=not args.no_progress, total=math.ceil(n / args.batch_size),
+                       devices=jax.devices() if args.all_devices else None, options=options)
     results["settings"]["data"] = source
     results["settings"]["checkpoint"] = args.checkpoint
     print(markdown_table(results))  # first: the results are on the screen even if writing fails

@@ -2,7 +2,7 @@
 
     mamba-jax explain IMAGES... --out DIR [--overwrite] [--checkpoint SRC] [--variant NAME]
         [--methods all|m1,m2] [--mode exact|official|both] [--batch-size N]
-        [--start-layer N] [--target CLASS] [--attention-layer N] [--debug]
+        [--start-layer N] [--target CLASS] [--attention-layer N] [--bf16] [--scan-method M] [--remat] [--debug]
 
 Writes to DIR, for each image ``<stem>``: ``<stem>_<method>_<mode>.npy`` (float32
 [grid_h, grid_w] maps), ``<stem>.png`` (the image and one overlay per method, one row per
@@ -31,12 +31,12 @@ from tqdm import tqdm
 
 from mamba_jax import preprocess, to_unit, vim_apply
 from mamba_jax.files import OUTPUT_MARKER, atomic_write, atomic_write_text
-from mamba_jax.options import Options
 from mamba_jax.preprocess import pad_batch
 from xai.app import plot
+from xai.app.compile_cache import HELP as CACHE_HELP
 from xai.app.files import OutputDirError, check_output_dir, listing, output_dir, record_outputs
 from xai.app.labels import class_names
-from xai.app.models import DEMO, load_model, parse_methods
+from xai.app.models import DEMO, add_numerics_arguments, load_model, numerics_options, parse_methods
 from xai.eval.data import IMAGE_EXTENSIONS
 from xai.hidden_attention import hidden_attention
 from xai.methods import METHODS, MODES, default_start_layer, explain
@@ -56,7 +56,7 @@ class ExplainError(ValueError):
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "explain", help="explanation maps, figures and top-5 predictions for images",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__, epilog=CACHE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", metavar="IMAGES",
                    help=f"image files or folders (a folder contributes its {'/'.join(IMAGE_SUFFIXES)} files)")
     p.add_argument("--checkpoint", default=DEMO, metavar="SRC",
@@ -75,16 +75,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="class explained by Mamba-Attribution (default: each image's top-1)")
     p.add_argument("--attention-layer", type=int, default=None, metavar="N",
                    help="also plot the hidden attention matrices of layer N (first image, channels 0..3)")
-    p.add_argument("--remat", action="store_true",
-                   help="Mamba-Attribution: recompute layers in the backward pass (less memory for large batches)")
-    p.add_argument("--bf16", action="store_true",
-                   help="bfloat16 projections (scan and residual stream stay float32; maps move by ~1%%)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder, new or empty (created if needed); a rerun into a non-empty folder is "
                         "refused unless --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier `mamba-jax explain` run in --out (only the files it "
                         "wrote; a folder holding anything else is refused)")
+    add_numerics_arguments(p)
     p.set_defaults(run=run)
     return p
 
@@ -207,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
     with output_dir(out, command="explain", overwrite=args.overwrite) as out:
         names = class_names(config)
         bs = min(args.batch_size, len(files))  # no batch larger than the images need
-        options = Options(dtype=jnp.bfloat16 if args.bf16 else None, remat=args.remat)
+        options = numerics_options(args)
         forward = options.replace(remat=False)  # remat only matters under a gradient
         rows: list[dict] = []
         with tqdm(total=len(files), desc="explain", unit="image") as bar:

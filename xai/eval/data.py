@@ -12,6 +12,8 @@
 - ``ImagenetSegmentation``: ImageNet-Segmentation ``gtsegs_ijcv.mat`` (HDF5 /
   MATLAB v7.3), images resized to ``size x size`` (PIL bilinear, no crop) and
   masks with PIL nearest neighbour.
+- ``prefetch``: runs any batch iterator a few batches ahead in a background thread, so
+  that decoding (and the copy to the device) overlaps the evaluation of earlier batches.
 
 Every batch iterator yields host (numpy) arrays of images in [0, 1]; the model's
 normalization is ``normalize``. ``h5py`` is imported only by
@@ -21,9 +23,11 @@ normalization is ``normalize``. ``h5py`` is imported only by
 from __future__ import annotations
 
 import os
+import queue
 import re
+import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -61,6 +65,69 @@ def resize_square01(path_or_pil, size: int = 224) -> np.ndarray:
     """Resize to ``size x size`` with PIL bilinear (no crop), float32 [size, size, 3]."""
     image = path_or_pil if isinstance(path_or_pil, Image.Image) else to_pil(path_or_pil)
     return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), np.float32) / np.float32(255.0)
+
+
+# ---------------------------------------------------------------------------
+# Prefetching.
+
+_DONE = object()
+
+
+def prefetch(items: Iterable, depth: int = 2, transform: Callable | None = None) -> Iterator:
+    """Yields ``items`` (each passed through ``transform``, if given) in order, produced up to
+    ``depth`` items ahead by a background thread; ``depth`` 0 is the plain iterator.
+
+    An exception raised by the iterator or ``transform`` is raised here, at the item where it
+    happened. Closing the generator early (a ``break``, an error in the consumer) stops the
+    thread after the item it is producing. Decoding with PIL and copies to a JAX device release
+    the interpreter lock, so they run while the consumer waits on the device.
+    """
+    if depth < 0:
+        raise ValueError(f"depth must be >= 0, got {depth}")
+    transform = transform or (lambda item: item)
+    if depth == 0:
+        yield from map(transform, items)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    source = iter(items)
+
+    def produce():
+        try:
+            for item in source:
+                if not put((True, transform(item))):
+                    return
+            put((True, _DONE))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((False, err))
+        finally:
+            close = getattr(source, "close", None)
+            if close is not None:  # a generator's cleanup (its open files, its pools) runs here
+                close()
+
+    worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            ok, entry = ready.get()
+            if not ok:
+                raise entry
+            if entry is _DONE:
+                return
+            yield entry
+    finally:
+        stop.set()
+        worker.join()
 
 
 # ---------------------------------------------------------------------------

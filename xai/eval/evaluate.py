@@ -14,6 +14,12 @@ command line (``xai.app.evaluate_cli``).
 
 Segmentation settings are those of ``xai.eval.metrics``: maps min-max normalized per
 image (it changes only mAP) and the reference's pooled average precision.
+
+Speed: a batch goes to the device once and stays there; the explanations, the perturbation
+forwards and the segmentation statistics of every row are dispatched without waiting, and
+the batch's results come back to the host in one transfer at its end (before any of them is
+counted, every map is checked to be finite). ``evaluate`` reads the data a few batches ahead
+in a background thread (``xai.eval.data.prefetch``), copying them to the device there.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 from mamba_jax.config import VimConfig
+from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
 from mamba_jax.options import Options
 from mamba_jax.preprocess import normalize, pad_batch
 from mamba_jax.vim import vim_apply
+from xai.eval.data import prefetch as prefetch_batches
 from xai.eval.metrics import (
     PERTURBATION_STEPS,
     PerturbationAccumulator,
@@ -52,12 +60,51 @@ class DataError(ValueError):
     labels out of range or missing for target="label", a non-finite model output)."""
 
 
-def _check_finite(values, what: str) -> None:
-    values = np.asarray(values)
-    if not np.isfinite(values).all():
-        bad = np.flatnonzero(~np.isfinite(values.reshape(values.shape[0], -1)).all(1)).tolist()
+def _check_finite(finite, what: str) -> None:
+    """A DataError naming the images whose ``finite`` flag (bool [B], host) is False."""
+    finite = np.asarray(finite, bool)
+    if not finite.all():
+        bad = np.flatnonzero(~finite).tolist()
         raise DataError(f"non-finite values (NaN or inf) in {what} of image(s) {bad[:10]} of the batch: no "
                         "result is computed from them (damaged weights or images?)")
+
+
+@jax.jit
+def _finite_rows(values):
+    """bool [B]: every value of row b is finite."""
+    return jnp.isfinite(values).reshape(values.shape[0], -1).all(axis=1)
+
+
+@jax.jit
+def _pixel_summary(images01):
+    """(finite [B], smallest value, largest value) of a batch, in one pass on its device."""
+    return _finite_rows(images01), jnp.min(images01), jnp.max(images01)
+
+
+@jax.jit
+def _top1_and_finite(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), _finite_rows(logits)
+
+
+_normalize = jax.jit(normalize)
+
+
+def options_record(options: Options | None) -> dict:
+    """``Options`` as JSON-ready settings: dtype name, matmul precision, scan method, remat."""
+    o = DEFAULT_OPTIONS if options is None else options
+    return {"dtype": "float32" if o.dtype is None else str(o.dtype), "precision": o.precision,
+            "scan_method": o.scan_method, "remat": o.remat}
+
+
+def to_device(batch: Batch) -> Batch:
+    """A batch with its float images and bool masks copied to the default device (other parts,
+    and anything that is not a NumPy array, as given: ``Evaluation.step`` checks them)."""
+    images01, labels, masks = batch
+    if isinstance(images01, np.ndarray) and images01.dtype.kind == "f":
+        images01 = jax.device_put(images01)
+    if isinstance(masks, np.ndarray) and masks.dtype == bool:
+        masks = jax.device_put(masks)
+    return images01, labels, masks
 
 
 # ---------------------------------------------------------------------------
@@ -97,6 +144,8 @@ def default_classifier(config: VimConfig, params, *, devices: Sequence | None = 
 
         mesh = data_mesh(devices)
         return lambda x: predict_sharded(config, params, x, mesh, options=options)
+    if options is not None:
+        options = options.replace(remat=False)  # remat only matters under a gradient: one compilation
     classify = jax.jit(lambda p, x: vim_apply(config, p, x, options=options))
     return lambda x: classify(params, x)
 
@@ -133,18 +182,28 @@ class _Row:
     def key(self) -> str:
         return self.method if self.mode is None else f"{self.method}/{self.mode}"
 
-    def update(self, classifier: Classifier, images01, maps, targets, unperturbed, masks, n: int, *,
-               perturbation: bool) -> None:
-        """Adds the first ``n`` images of a padded batch: images01 float [B, H, W, 3] in [0, 1],
-        maps float [B, gh, gw], targets and unperturbed (the intact images' top-1) int [B], masks
-        bool [B, H, W] or None (no segmentation test)."""
+    def dispatch(self, classifier: Classifier, images01, maps, targets, unperturbed, masks, *,
+                 perturbation: bool) -> dict:
+        """Starts the tests of one padded batch and returns their device arrays (nothing waits):
+        images01 float [B, H, W, 3] in [0, 1] and maps float [B, gh, gw], both best on the device,
+        targets and unperturbed (the intact images' top-1) int [B], masks bool [B, H, W] or None
+        (no segmentation test). ``add`` the result once it is on the host."""
+        out = {}
         if perturbation:
-            for acc, positive in ((self.positive, True), (self.negative, False)):
-                hits = perturbation_hits(classifier, images01, maps, targets, positive=positive,
-                                         unperturbed=unperturbed)
-                acc.update(np.asarray(hits)[:n])
+            for name, positive in (("positive", True), ("negative", False)):
+                out[name] = perturbation_hits(classifier, images01, maps, targets, positive=positive,
+                                              unperturbed=unperturbed)
         if masks is not None:
-            self.segmentation.update(maps, masks, count=n)
+            out["segmentation"] = self.segmentation.stats(maps, masks)
+        return out
+
+    def add(self, out: dict, n: int) -> None:
+        """Counts the first ``n`` images (the rest is padding) of ``dispatch``'s results."""
+        if "positive" in out:
+            self.positive.update(np.asarray(out["positive"])[:n])
+            self.negative.update(np.asarray(out["negative"])[:n])
+        if "segmentation" in out:
+            self.segmentation.add(out["segmentation"], count=n)
 
     def result(self) -> dict:
         def curve(acc: PerturbationAccumulator):
@@ -175,6 +234,8 @@ class Evaluation:
       explainer: (normalized images, method, mode, targets) -> maps (``Explainer``).
       methods, modes, start_layer, tests, target, baselines, seed: as for ``evaluate``
         (``start_layer`` is only recorded in the settings: the explainer applies it).
+      options: the numerics the classifier and explainer were built with, recorded in the
+        settings (None: the default ``Options()``).
 
     Every batch is padded to the largest batch size seen so far (the first batch's, where only
     the last batch is short; its last image repeated), so the classifier, the methods and the
@@ -194,6 +255,7 @@ class Evaluation:
         target: Literal["predicted", "label"] = "predicted",
         baselines: Sequence[str] = BASELINES,
         seed: int = 0,
+        options: Options | None = None,
     ):
         for what, given, known in (("method", methods, METHODS), ("mode", modes, MODES), ("test", tests, TESTS),
                                    ("baseline", baselines, BASELINES)):
@@ -205,15 +267,17 @@ class Evaluation:
         self.config, self.classifier, self.explainer = config, classifier, explainer
         self.methods, self.modes, self.tests, self.baselines = list(methods), list(modes), list(tests), list(baselines)
         self.start_layer = resolve_start_layer(config, start_layer)
-        self.target, self.seed = target, seed
+        self.target, self.seed, self.options = target, seed, options
         self.rows = [_Row(m, mode) for m in methods for mode in modes] + [_Row(b, None) for b in baselines]
         self.batch_size = 0  # every batch is padded to this size
         self.images = self.labeled = self.correct = self.with_masks = self.batches = 0
 
     def _check(self, images01, labels, masks):
-        """The batch as float32 / int32 / bool host arrays, or a DataError naming what is wrong."""
+        """The batch as float32 images and bool masks on the device, int32 labels on the host, or a
+        DataError naming what is wrong."""
         config, size = self.config, self.config.img_size
-        images01 = np.asarray(images01, np.float32)
+        if not isinstance(images01, jax.Array):
+            images01 = np.asarray(images01, np.float32)
         if images01.ndim != 4 or images01.shape[-1] != config.channels:
             raise DataError(f"images must be [B, H, W, {config.channels}] (NHWC), got shape {images01.shape}")
         if images01.shape[1:3] != (size, size):
@@ -222,8 +286,10 @@ class Evaluation:
         n = images01.shape[0]
         if n == 0:
             return images01, None, None
-        _check_finite(images01, "the pixels")
-        lo, hi = float(images01.min()), float(images01.max())
+        images01 = jnp.asarray(images01, jnp.float32)  # onto the device, once (no copy if there already)
+        finite, lo, hi = jax.device_get(_pixel_summary(images01))
+        _check_finite(finite, "the pixels")
+        lo, hi = float(lo), float(hi)
         if lo < -1e-6 or hi > 1 + 1e-6:
             raise DataError(f"images must hold pixels in [0, 1] (before normalization), got {lo:.4g} .. {hi:.4g}"
                             + (": divide 0..255 pixels by 255" if hi > 1.5 else ""))
@@ -241,20 +307,21 @@ class Evaluation:
             raise DataError('target="label" needs a ground-truth label for every image; this data has '
                             + ("none" if labels is None else "unknown labels (-1)"))
         if masks is not None and "segmentation" in self.tests:
-            masks = np.asarray(masks, bool)
+            if not isinstance(masks, jax.Array):
+                masks = np.asarray(masks)
             if masks.shape != images01.shape[:3]:
                 raise DataError(f"masks of shape {masks.shape} do not match images of shape {images01.shape}")
+            masks = jnp.asarray(masks, bool)
         else:
             masks = None
         return images01, labels, masks
 
-    def _maps(self, row: _Row, x_norm, targets, start: int, n: int):
-        """Maps float [B, gh, gw] of one row for a padded batch whose first image is number ``start``."""
+    def _maps(self, row: _Row, x_norm, targets, start: int):
+        """Maps float [B, gh, gw] of one row for a padded batch whose first image is number ``start``
+        (not waited for: their finiteness is checked with the batch's results)."""
         grid, B = self.config.grid, x_norm.shape[0]
         if row.mode is not None:
-            maps = self.explainer(x_norm, row.method, row.mode, targets)
-            _check_finite(np.asarray(maps)[:n], f"the {row.method} ({row.mode}) map")
-            return maps
+            return self.explainer(x_norm, row.method, row.mode, targets)
         if row.method == "random":
             return random_maps(grid, range(start, start + B), self.seed)
         return np.broadcast_to(center_map(grid), (B, *grid))
@@ -268,25 +335,34 @@ class Evaluation:
             return
         self.batch_size = pad_to = max(self.batch_size, n)
 
-        x01 = pad_batch(images01, pad_to)
-        logits = np.asarray(self.classifier(normalize(x01)))
-        _check_finite(logits[:n], "the model's output")
-        preds = logits.argmax(-1).astype(np.int32)
+        x01 = pad_batch(images01, pad_to)  # on the device, as are all the batch's arrays from here
+        x_norm = _normalize(x01)
+        preds_device, finite = _top1_and_finite(self.classifier(x_norm))
+        preds, finite = jax.device_get((preds_device, finite))
+        _check_finite(finite[:n], "the model's output")
+        targets = preds_device if self.target == "predicted" else jnp.asarray(pad_batch(labels, pad_to))
+        masks_p = None if masks is None else pad_batch(masks, pad_to)
+
+        perturbation = "perturbation" in self.tests
+        pending = []
+        for row in self.rows:
+            maps = self._maps(row, x_norm, targets, self.images)
+            out = row.dispatch(self.classifier, x01, maps, targets, preds_device, masks_p, perturbation=perturbation)
+            out["finite"] = None if row.mode is None else _finite_rows(maps)
+            pending.append(out)
+        done = jax.device_get(pending)  # the batch's one wait for the device
+        for row, out in zip(self.rows, done):
+            if out["finite"] is not None:
+                _check_finite(out["finite"][:n], f"the {row.method} ({row.mode}) map")
+
         if labels is not None:
             known = labels >= 0
             self.labeled += int(known.sum())
             self.correct += int((preds[:n] == labels)[known].sum())
-        targets = jnp.asarray(preds if self.target == "predicted" else pad_batch(labels, pad_to))
-        masks_p = None
         if masks is not None:
-            masks_p = pad_batch(masks, pad_to)
             self.with_masks += n
-
-        x_norm = normalize(x01)
-        for row in self.rows:
-            maps = self._maps(row, x_norm, targets, self.images, n)
-            row.update(self.classifier, x01, maps, targets, preds, masks_p, n,
-                       perturbation="perturbation" in self.tests)
+        for row, out in zip(self.rows, done):
+            row.add(out, n)
         self.images += n
         self.batches += 1
 
@@ -301,7 +377,8 @@ class Evaluation:
             "settings": {"methods": list(self.methods), "modes": list(self.modes), "start_layer": self.start_layer,
                          "tests": list(self.tests), "target": self.target, "baselines": list(self.baselines),
                          "seed": self.seed, "batch_size": self.batch_size, "segmentation_minmax": True,
-                         "segmentation_ap": "pooled", "center_sigma": CENTER_SIGMA},
+                         "segmentation_ap": "pooled", "center_sigma": CENTER_SIGMA,
+                         "options": options_record(self.options)},
             "counts": {"images": self.images, "labeled": self.labeled, "with_masks": self.with_masks,
                        "batches": self.batches},
             "top1_accuracy": 100.0 * self.correct / self.labeled if self.labeled else None,
@@ -328,6 +405,7 @@ def evaluate(
     options: Options | None = None,
     classifier: Classifier | None = None,
     explainer: Explainer | None = None,
+    prefetch: int = 2,
 ) -> dict:
     """Runs the perturbation and segmentation tests over ``batches`` (``Evaluation``).
 
@@ -349,7 +427,9 @@ def evaluate(
         explainer; None = their default.
       classifier, explainer: replace ``default_classifier(config, params, ...)`` and
         ``default_explainer(config, params, ...)`` (``devices`` and ``options`` then apply to
-        neither).
+        neither; ``options`` is still recorded in the settings).
+      prefetch: read this many batches ahead in a background thread, copying their images and
+        masks to the device there (``xai.eval.data.prefetch``); 0 reads each batch when it is due.
 
     Every batch is padded to the size of the first (repeating its last image), so
     the classifier, the methods and the metrics compile once; padded rows are
@@ -368,8 +448,12 @@ def evaluate(
     if explainer is None:
         explainer = default_explainer(config, params, start_layer=start_layer, devices=devices, options=options)
     run = Evaluation(config, classifier, explainer, methods=methods, modes=modes, start_layer=start_layer,
-                     tests=tests, target=target, baselines=baselines, seed=seed)
-    for images01, labels, masks in tqdm(batches, total=total, unit="batch", disable=not progress,
-                                        desc="evaluate"):
-        run.step(images01, labels, masks)
+                     tests=tests, target=target, baselines=baselines, seed=seed, options=options)
+    ahead = prefetch_batches(batches, prefetch, transform=to_device)
+    try:
+        for images01, labels, masks in tqdm(ahead, total=total, unit="batch", disable=not progress,
+                                            desc="evaluate"):
+            run.step(images01, labels, masks)
+    finally:
+        ahead.close()  # on an error too: the reading thread stops now, not when the traceback is freed
     return run.summary()

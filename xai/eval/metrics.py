@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xai.eval.data import IMAGENET_MEAN, IMAGENET_STD, normalize
+from xai.eval.data import IMAGENET_MEAN, IMAGENET_STD
 
 # Fraction of pixels removed at each step; written as literals so that
 # int(k * H * W) is evaluated exactly as the reference's int(base_size * step).
@@ -99,6 +99,19 @@ def perturb(images01: jax.Array, ranks: jax.Array, count: int | jax.Array) -> ja
     return jnp.where(keep, images01, jnp.zeros((), images01.dtype))
 
 
+@jax.jit
+def _perturbed_input(images01, ranks, count, mean, std):
+    """``perturb`` then the normalization (x - mean) / std, one compiled function (the count is
+    traced: one compilation serves every step)."""
+    return (perturb(images01, ranks, count) - mean) / std
+
+
+@jax.jit
+def _hits(preds, targets):
+    """preds int [steps, B], targets int [B] -> bool [B, steps]."""
+    return (preds == targets[None]).T
+
+
 def perturbation_hits(
     predict_fn: Callable[[jax.Array], jax.Array],
     images01: jax.Array,
@@ -111,11 +124,12 @@ def perturbation_hits(
     std=IMAGENET_STD,
     unperturbed=None,
 ) -> jax.Array:
-    """Perturbation test for one batch: bool [B, len(steps)].
+    """Perturbation test for one batch: bool [B, len(steps)], a device array (no host sync).
 
     Args:
       predict_fn: normalized images [B, H, W, 3] -> logits [B, classes].
-      images01: images in [0, 1], [B, H, W, 3].
+      images01: images in [0, 1], [B, H, W, 3] (keep them on the device: each test reads them
+        len(steps) times).
       maps: explanation maps [B, h, w], upsampled bilinearly to H x W.
       targets: class explained per image [B]; None = the unperturbed top-1.
       positive: remove the most relevant pixels first (True) or the least (False).
@@ -127,21 +141,28 @@ def perturbation_hits(
     (negative), ties broken by lower row-major index (see ``removal_ranks``).
     The perturbed image is normalized with (mean, std) and classified; a hit is
     argmax(logits) == target. Pure JAX apart from ``predict_fn``, so the whole
-    function can be jitted with predict_fn and the keywords static.
+    function can be jitted with predict_fn and the keywords static; called eagerly it
+    dispatches, per step, one compiled masking, ``predict_fn`` and one argmax, and waits
+    for none of them.
     """
     images01 = jnp.asarray(images01, jnp.float32)
     H, W = images01.shape[1:3]
     ranks = removal_ranks(maps, (int(H), int(W)), positive=positive)
-    hits = []
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    preds = []
     for count in perturbation_counts(H * W, steps):
         if count == 0 and unperturbed is not None:
-            pred = jnp.asarray(unperturbed)
+            pred = jnp.asarray(unperturbed, jnp.int32)
         else:
-            pred = jnp.argmax(predict_fn(normalize(perturb(images01, ranks, count), mean, std)), axis=-1)
-        if targets is None:
-            targets = pred  # the first step (k = 0 by default) fixes the target
-        hits.append(pred == jnp.asarray(targets))
-    return jnp.stack(hits, axis=1)
+            pred = _top1(predict_fn(_perturbed_input(images01, ranks, count, mean, std)))
+        preds.append(pred)
+    targets = preds[0] if targets is None else jnp.asarray(targets, jnp.int32)  # None: the first step fixes it
+    return _hits(jnp.stack(preds), targets)
+
+
+@jax.jit
+def _top1(logits):
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
 def perturbation_curve(hits) -> np.ndarray:
@@ -289,13 +310,14 @@ class SegmentationAccumulator:
     union: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(2, np.int64))
     ap: list[np.ndarray] = dataclasses.field(default_factory=list)
 
-    def update(self, maps, masks, *, count: int | None = None) -> dict[str, np.ndarray]:
-        """Adds one batch; returns its per-image statistics (host arrays).
+    def stats(self, maps, masks) -> dict[str, jax.Array]:
+        """The per-image statistics of one batch as device arrays (``segmentation_stats`` with this
+        accumulator's settings); nothing waits for them: ``add`` them once they are on the host."""
+        return segmentation_stats(maps, masks, minmax=self.minmax, ap_mode=self.ap_mode)
 
-        ``count``: add only the first ``count`` images (the rest is padding); the statistics
-        are computed on the whole batch, so that ``segmentation_stats`` keeps one compiled shape.
-        """
-        stats = segmentation_stats(maps, masks, minmax=self.minmax, ap_mode=self.ap_mode)
+    def add(self, stats, *, count: int | None = None) -> dict[str, np.ndarray]:
+        """Adds per-image statistics (``stats``; device or host arrays) of the first ``count`` images
+        (the rest is padding); returns them as host arrays."""
         stats = {k: np.asarray(v)[:count] for k, v in stats.items()}
         self.correct += int(stats["correct"].astype(np.int64).sum())
         self.labeled += int(stats["labeled"].astype(np.int64).sum())
@@ -303,6 +325,14 @@ class SegmentationAccumulator:
         self.union += stats["union"].astype(np.int64).sum(0)
         self.ap.append(stats["ap"].astype(np.float64))
         return stats
+
+    def update(self, maps, masks, *, count: int | None = None) -> dict[str, np.ndarray]:
+        """Adds one batch; returns its per-image statistics (host arrays).
+
+        ``count``: add only the first ``count`` images (the rest is padding); the statistics
+        are computed on the whole batch, so that ``segmentation_stats`` keeps one compiled shape.
+        """
+        return self.add(self.stats(maps, masks), count=count)
 
     @property
     def num_images(self) -> int:
