@@ -13,6 +13,16 @@ attention of every layer of one Vim-T image consumed chunk by chunk, and, with -
 the pure-PyTorch reference on the same device. Every timing is the median of --reps runs
 (explanations: half as many, at least 3) after warm-up, each ended with block_until_ready;
 --remat-batches adds Mamba-Attribution with remat=True at those batches. Writes results.json and results.md.
+
+The exact mode's layer matrices come from the tiled Pallas kernels on a GPU
+(mamba_jax/pallas_attention.py; the path column says "attn pallas"); --attention-config sets their
+tuning (the JSON line printed last by benchmarks/attention_gpu_check.py). --compile-threads N
+compiles the cases of one model and batch N at a time before timing them one by one (each row's
+compile time is then its wall time beside the others: an upper bound).
+
+    python benchmarks/bench.py --models tiny,small --modes official,exact \
+        --methods rollout,mamba_attribution --skip-forward --remat-batches "" --full-attention \
+        --compile-threads 4 --out benchmarks/results/h200/runs/NAME      # exact vs official, b1/32/128
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import json
 import statistics
 import sys
 import time
-import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from mamba_jax import init_params, official, vim_apply  # noqa: E402
+from mamba_jax import init_params, official, pallas_attention, vim_apply  # noqa: E402
 from mamba_jax.files import atomic_write  # noqa: E402
 from mamba_jax.options import Options  # noqa: E402
 from xai.hidden_attention import map_hidden_attention  # noqa: E402
@@ -56,13 +66,19 @@ def timeit(fn, *args, reps=10, warmup=2):
     return statistics.median(times)
 
 
-def measure(fn, *args, reps, warmup=2):
-    """Compile the jitted ``fn`` for ``args`` once, explicitly, then time that executable and read
-    its memory analysis: (median seconds, peak GiB, compile seconds). (Wrapping ``fn`` in another
-    jax.jit for the memory analysis, as this script once did, compiled every case twice.)"""
+def compile_case(fn, *args):
+    """(the executable of the jitted ``fn`` for ``args``, compile seconds)."""
     t = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - t
+    return compiled, time.perf_counter() - t
+
+
+def measure(fn, *args, reps, warmup=2, precompiled=None):
+    """Compile the jitted ``fn`` for ``args`` once, explicitly (or take ``precompiled``, a
+    ``compile_case`` result), then time that executable and read its memory analysis: (median
+    seconds, peak GiB, compile seconds). (Wrapping ``fn`` in another jax.jit for the memory
+    analysis, as this script once did, compiled every case twice.)"""
+    compiled, compile_s = precompiled if precompiled is not None else compile_case(fn, *args)
     return timeit(compiled, *args, reps=reps, warmup=warmup), _gib(peak_bytes(compiled)), compile_s
 
 
@@ -86,51 +102,70 @@ def over_budget(args, what):
     return False
 
 
+def run_cases(cases, args, rows):
+    """Compile (``--compile-threads`` at a time) and time each case (row, fn, inputs, reps, warmup),
+    appending its row with seconds, img/s, peak GiB and compile seconds; a failure is logged."""
+    def compile_one(case):
+        try:
+            return compile_case(case[1], *case[2])
+        except Exception as e:
+            return e
+
+    threads = max(1, args.compile_threads)
+    if threads > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            compiled = list(pool.map(compile_one, cases))
+    else:
+        compiled = [None] * len(cases)
+    for (row, fn, inputs, reps, warmup), pre in zip(cases, compiled):
+        if over_budget(args, f"{row['work']} {row['model']} B={row['batch']} {row['scan']}"):
+            continue
+        try:
+            if threads == 1:
+                pre = compile_one((row, fn, inputs))
+            if isinstance(pre, Exception):
+                raise pre
+            t, peak, tc = measure(fn, *inputs, reps=reps, warmup=warmup, precompiled=pre)
+            row = dict(row, seconds=t, img_per_s=row["batch"] / t, peak_gib=peak, compile_s=tc)
+            rows.append(row)
+            log(_fmt(row))
+        except Exception as e:
+            log(f"{row['work']} {row['model']} B={row['batch']} {row['scan']}: FAILED {type(e).__name__}: "
+                f"{str(e)[:300]}")
+
+
 def bench_model(name, batches, args, rows):
     config = official(MODELS[name])
     params = init_params(config, jax.random.PRNGKey(0))
     start = config.depth * 15 // 24
+    attention = pallas_attention.resolve_attention("auto")
     for B in batches:
         if over_budget(args, f"{name} batch {B}"):
             continue
         images = jax.random.normal(jax.random.PRNGKey(B), (B, config.img_size, config.img_size, 3))
-        for scan in args.scans:
+        cases = []
+        for scan in ([] if args.skip_forward else args.scans):
             opts = Options(scan_method=scan, precision=args.precision)
             fwd = jax.jit(lambda p, x, opts=opts: vim_apply(config, p, x, options=opts))
-            try:
-                t, peak, tc = measure(fwd, params, images, reps=args.reps)
-                row = dict(model=name, batch=B, work="forward", scan=scan, seconds=t, img_per_s=B / t,
-                           peak_gib=peak, compile_s=tc)
-                rows.append(row)
-                log(_fmt(row))
-            except Exception as e:
-                log(f"forward {name} B={B} {scan}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        if args.skip_explain:
-            continue
-        for mode in args.modes:
+            cases.append((dict(model=name, batch=B, work="forward", scan=scan), fwd, (params, images), args.reps, 2))
+        for mode in ([] if args.skip_explain else args.modes):
             if mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models):
                 continue
             for method in args.methods:
                 remats = (False, True) if method == "mamba_attribution" and B in args.remat_batches else (False,)
                 for scan, remat in ((s, r) for s in args.scans for r in remats):
-                    if over_budget(args, f"{method}/{mode} {name} B={B} {scan}"):
-                        continue
                     opts = Options(scan_method=scan, remat=remat)
                     fn = jax.jit(lambda p, x, method=method, mode=mode, opts=opts: explain(
                         config, p, x, method, start_layer=start, mode=mode, options=opts))
-                    try:
-                        t, peak, tc = measure(fn, params, images, reps=max(3, args.reps // 2), warmup=1)
-                        work = f"{method}/{mode}" + (" remat" if remat else "")
-                        row = dict(model=name, batch=B, work=work, scan=scan, seconds=t, img_per_s=B / t,
-                                   peak_gib=peak, compile_s=tc)
-                        rows.append(row)
-                        log(_fmt(row))
-                    except Exception as e:
-                        log(f"{method}/{mode} {name} B={B} {scan}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                    work = f"{method}/{mode}" + (" remat" if remat else "")
+                    path = scan + (f" + attn {attention}" if mode == "exact" and method != "raw_attention" else "")
+                    cases.append((dict(model=name, batch=B, work=work, scan=path), fn, (params, images),
+                                  max(3, args.reps // 2), 1))
+        run_cases(cases, args, rows)
         write(rows, Path(args.out), args.meta)  # results so far, in case a later section is cut
 
 
-def bench_full_attention(rows, reps):
+def bench_full_attention(rows, reps, args):
     """All layers, all channels, both branches of one Vim-T image, consumed layer by layer
     (each layer's [2, E, L, L] block is reduced to a checksum, so memory stays one layer)."""
     config = official("vim_tiny")
@@ -142,15 +177,9 @@ def bench_full_attention(rows, reps):
 
     all_layers = jax.jit(lambda p, x: map_hidden_attention(config, p, x, checksum))
 
-    try:
-        t, peak, tc = measure(all_layers, params, image, reps=reps, warmup=1)
-        row = dict(model="tiny", batch=1, work="hidden attention, 24 layers x 2 branches x 384 ch",
-                   scan="auto", seconds=t, img_per_s=1 / t, peak_gib=peak, compile_s=tc)
-        rows.append(row)
-        log(_fmt(row))
-    except Exception as e:
-        log(f"full attention: FAILED {type(e).__name__}: {str(e)[:300]}")
-        traceback.print_exc()
+    path = f"auto + attn {pallas_attention.resolve_attention('auto')}"
+    run_cases([(dict(model="tiny", batch=1, work="hidden attention, 24 layers x 2 branches x 384 ch", scan=path),
+                all_layers, (params, image), reps, 1)], args, rows)
 
 
 def bench_bf16(rows, reps, report):
@@ -277,11 +306,16 @@ def main(argv=None):
     p.add_argument("--scans", default="auto", help="comma list of auto, associative, sequential, pallas")
     p.add_argument("--modes", default="official,exact")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--max-exact-batch", type=int, default=32)
+    p.add_argument("--max-exact-batch", type=int, default=128)
     p.add_argument("--exact-models", default="tiny,small,base", help="models whose exact mode is timed")
     p.add_argument("--precision", default="highest")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--skip-explain", action="store_true")
+    p.add_argument("--skip-forward", action="store_true", help="no forward rows (explanations only)")
+    p.add_argument("--compile-threads", type=int, default=1,
+                   help="compile the cases of one model and batch this many at a time, then time them")
+    p.add_argument("--attention-config", default=None,
+                   help="JSON tuning of the hidden-attention kernels (mamba_jax.pallas_attention.DEFAULTS)")
     p.add_argument("--full-attention", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bfloat16 speed and its effect on logits and maps")
     p.add_argument("--torch", action="store_true", help="also time the pure-PyTorch reference")
@@ -304,8 +338,11 @@ def main(argv=None):
     if args.precision == "default":
         args.precision = None
     batches = [int(b) for b in args.batches.split(",")]
+    if args.attention_config:
+        pallas_attention.DEFAULTS.update(json.loads(args.attention_config))
     meta = dict(device=str(jax.devices()[0].device_kind), jax=jax.__version__, precision=str(args.precision),
-                reps=args.reps, argv=sys.argv[1:])
+                reps=args.reps, argv=sys.argv[1:], attention=pallas_attention.resolve_attention("auto"),
+                attention_config=dict(pallas_attention.DEFAULTS))
     args.meta = meta
     log(f"# {meta}")
     rows: list[dict] = []
@@ -314,7 +351,7 @@ def main(argv=None):
             for name in args.models.split(","):
                 bench_model(name, batches, args, rows)
         elif section == "full-attention" and args.full_attention and not over_budget(args, section):
-            bench_full_attention(rows, max(3, args.reps // 2))
+            bench_full_attention(rows, max(3, args.reps // 2), args)
         elif section == "bf16" and args.bf16 and not over_budget(args, section):
             meta["bf16"] = {}
             bench_bf16(rows, args.reps, meta["bf16"])

@@ -9,6 +9,11 @@ Memory: one branch-layer of one image is E x L x L floats (Vim-T: 384 x 197 x 19
 = 60 MB), and computing it needs E x L x L x N intermediates; the channel axis is
 processed in chunks sized so that the intermediates of a whole batch stay under
 ``budget`` bytes (default 1 GiB).
+
+Two implementations (``method``): "xla", the formulas of ``mamba_jax.ssm`` chunked over
+channels (the oracle, and the CPU path), and "pallas", the tiled kernels of
+``mamba_jax.pallas_attention`` (factored exponentials, no [E, L, L] intermediate for the channel
+statistics; interpret mode off the GPU). "auto" (the default) takes the kernels on a GPU.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from einops import rearrange
 
-from mamba_jax import ssm
+from mamba_jax import pallas_attention, ssm
 from mamba_jax.config import VimConfig
 from mamba_jax.options import Options
 from mamba_jax.vim import check_images, vim_apply
@@ -112,41 +117,49 @@ def _lowest(idx) -> int:
     return 0 if isinstance(idx, jax.core.Tracer) else int(jax.device_get(idx).min())
 
 
-def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int, start_layer: int = 0):
+def _layer_alpha(config: VimConfig, params, inter, layer, channels, budget: int, start_layer: int = 0,
+                 method: str = "auto"):
     """alpha [B, n_branches, n_channels, L, L] of one layer (``layer`` may be traced; ``inter``
     captured from layer ``start_layer`` on)."""
     A = dict(zip(("fwd", "bwd"), layer_A(config, params, layer)))
+    br = layer_slice(inter, layer - start_layer)
+    if pallas_attention.resolve_attention(method) == "pallas":
+        args = [br["fwd"]["delta"][..., channels], br["fwd"]["B"], br["fwd"]["C"], A["fwd"][channels]]
+        if "bwd" in br:
+            args += [br["bwd"]["delta"][..., channels], br["bwd"]["B"], br["bwd"]["C"], A["bwd"][channels]]
+        return pallas_attention.combined_alpha(*args, interpret=jax.default_backend() != "gpu")
     branches = []
-    for name, br in layer_slice(inter, layer - start_layer).items():
-        alpha = branch_alpha(br["delta"][..., channels], A[name][channels], br["B"], br["C"], budget=budget)
+    for name, b in br.items():
+        alpha = branch_alpha(b["delta"][..., channels], A[name][channels], b["B"], b["C"], budget=budget)
         branches.append(_flip_both(alpha) if name == "bwd" else alpha)
     return jnp.stack(branches, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "budget", "start_layer", "options"))
-def _hidden_attention(config, params, images, layers, channels, budget, start_layer, options):
+@functools.partial(jax.jit, static_argnames=("config", "budget", "start_layer", "options", "method"))
+def _hidden_attention(config, params, images, layers, channels, budget, start_layer, options, method):
     _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
-    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget, start_layer)
+    return jnp.stack([_layer_alpha(config, params, inter, layers[i], channels, budget, start_layer, method)
                       for i in range(layers.shape[0])], axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "fn", "budget", "options"))
+@functools.partial(jax.jit, static_argnames=("config", "fn", "budget", "options", "method"))
 def map_hidden_attention(config: VimConfig, params, images, fn, *, budget: int = DEFAULT_BUDGET,
-                         options: Options | None = None):
+                         options: Options | None = None, method: str = "auto"):
     """``fn`` applied to every layer's full hidden attention, one layer at a time.
 
     fn: alpha [B, n_branches, E, L, L] -> any pytree (e.g. a reduction); returns its results
     stacked over layers. One captured forward pass; the layers run in a ``lax.map``, so only
     one layer's matrices exist at a time (Vim-T: 2 x 384 x 197 x 197 floats per image).
+    method: "auto" (the Pallas kernel on a GPU), "pallas" or "xla" (module docstring).
     """
     _, inter = vim_apply(config, params, images, capture=True, options=options)
     channels = jnp.arange(config.d_inner)
-    return jax.lax.map(lambda l: fn(_layer_alpha(config, params, inter, l, channels, budget)),
+    return jax.lax.map(lambda l: fn(_layer_alpha(config, params, inter, l, channels, budget, method=method)),
                        jnp.arange(config.depth))
 
 
 def hidden_attention(config: VimConfig, params, images, *, layers=None, channels=None,
-                     budget: int = DEFAULT_BUDGET, options: Options | None = None):
+                     budget: int = DEFAULT_BUDGET, options: Options | None = None, method: str = "auto"):
     """The exact hidden attention matrices alpha (SPEC section 3).
 
     Returns float32 [B, n_layers, n_branches, n_channels, L, L]: branch 0 forward (lower
@@ -154,11 +167,13 @@ def hidden_attention(config: VimConfig, params, images, *, layers=None, channels
     2 for bidirectional models. ``layers`` / ``channels``: 0-based indices (None = all).
     The result itself is B * n_layers * 2 * n_channels * L * L * 4 bytes (all of Vim-T for
     one image: 2.9 GB); use ``layers`` and ``channels`` or ``channel_mean_attention`` to keep it small.
+    method: "auto" (the Pallas kernel on a GPU), "pallas" or "xla" (module docstring).
     """
     images = check_images(config, images)
     layers = _as_index(layers, config.depth, "layers")
     channels = _as_index(channels, config.d_inner, "channels")
-    return _hidden_attention(config, params, images, layers, channels, budget, _lowest(layers), options)
+    pallas_attention.resolve_attention(method)  # a bad name fails here, before any computation
+    return _hidden_attention(config, params, images, layers, channels, budget, _lowest(layers), options, method)
 
 
 # -------------------------------------------------------- reduced quantities
@@ -206,13 +221,21 @@ def exact_cls_row(config: VimConfig, inter, A_f, A_b, pos: int):
 
 
 def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = False,
-                           budget: int = DEFAULT_BUDGET):
+                           budget: int = DEFAULT_BUDGET, method: str = "auto"):
     """Channel statistics of one layer's combined matrix w * (alpha_fwd + alpha_bwd):
     its channel mean [B, L, L] and its min and max over channels and positions ([B] each),
     so that the channel mean of the per-image min-max normalized tensor is
     (mean - min) / (max - min). ``clamp`` applies max(alpha, 0) first (Mamba-Attribution).
-    Computed chunk by chunk over channels: the [E, L, L] tensor never exists at once."""
+    The [E, L, L] tensor never exists at once: "xla" computes it chunk by chunk over channels,
+    "pallas" (the default on a GPU: ``method="auto"``) tile by tile in registers
+    (``mamba_jax.pallas_attention.combined_stats``)."""
     f, b = inter["fwd"], inter.get("bwd")
+    if pallas_attention.resolve_attention(method) == "pallas":
+        args = [f["delta"], f["B"], f["C"], A_f]
+        if b is not None:
+            args += [b["delta"], b["B"], b["C"], A_b]
+        return pallas_attention.combined_stats(*args, weight=branch_weight(config) if b is not None else 1.0,
+                                               clamp=clamp, interpret=jax.default_backend() != "gpu")
     E, N = A_f.shape
     Bsz, L = f["delta"].shape[:2]
     chunk = _channel_chunk(E, Bsz, L, N, budget // (2 if b is not None else 1))
