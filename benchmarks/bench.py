@@ -44,7 +44,7 @@ from mamba_jax import init_params, official, pallas_attention, vim_apply  # noqa
 from mamba_jax.files import atomic_write  # noqa: E402
 from mamba_jax.options import Options  # noqa: E402
 from xai.hidden_attention import map_hidden_attention  # noqa: E402
-from xai.methods import METHODS, explain  # noqa: E402
+from xai.methods import METHODS, MODELESS, explain  # noqa: E402
 
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base"}
 
@@ -152,12 +152,14 @@ def bench_model(name, batches, args, rows):
             if mode == "exact" and (B > args.max_exact_batch or name not in args.exact_models):
                 continue
             for method in args.methods:
+                if method in MODELESS and mode != args.modes[0]:
+                    continue  # one row: the mode does not apply
                 remats = (False, True) if method == "mamba_attribution" and B in args.remat_batches else (False,)
                 for scan, remat in ((s, r) for s in args.scans for r in remats):
                     opts = Options(scan_method=scan, remat=remat)
                     fn = jax.jit(lambda p, x, method=method, mode=mode, opts=opts: explain(
                         config, p, x, method, start_layer=start, mode=mode, options=opts))
-                    work = f"{method}/{mode}" + (" remat" if remat else "")
+                    work = (method if method in MODELESS else f"{method}/{mode}") + (" remat" if remat else "")
                     path = scan + (f" + attn {attention}" if mode == "exact" and method != "raw_attention" else "")
                     cases.append((dict(model=name, batch=B, work=work, scan=path), fn, (params, images),
                                   max(3, args.reps // 2), 1))

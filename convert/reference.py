@@ -23,6 +23,9 @@ D = model width, E = inner width, N = state size, R = delta rank):
     y                  scan output y_t (before the silu(z) gate)         [Bt, L, E]
     alpha              hidden attention alpha[d, t, j]                   [Bt, E, L, L]
     cls vector         official truncated class-token row of alpha       [Bt, E, L]
+    c                  conv(x) + conv bias, the pre-activation (u = silu(c))  [Bt, L, E]
+    unified vector     row cls of the unified implicit attention
+                       diag(silu(z)) alpha diag(sigmoid(c)) T (SPEC section 6)  [Bt, E, L]
 
 Deliberate deviations from the official code are marked ``# deviation:``.
 """
@@ -54,6 +57,10 @@ __all__ = [
     "residual_gradients",
     "rollout",
     "selective_scan",
+    "unified_attribution",
+    "unified_cls_vector_branch",
+    "unified_cls_vectors_from_capture",
+    "unified_map_from_capture",
 ]
 
 
@@ -205,12 +212,13 @@ class Mixer(nn.Module):
             dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
 
     def _ssm_inputs(self, x: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear):
-        """x: [Bt, L, E] -> u, delta [Bt, L, E]; B, C [Bt, L, N]."""
+        """x: [Bt, L, E] -> u, delta [Bt, L, E]; B, C [Bt, L, N]; c [Bt, L, E] (conv pre-activation)."""
         n, r = self.cfg.d_state, self.cfg.rank
-        u = F.silu(causal_depthwise_conv1d(x, conv.weight, conv.bias))
+        c = causal_depthwise_conv1d(x, conv.weight, conv.bias)
+        u = F.silu(c)
         dt_low, B, C = torch.split(x_proj(u), [r, n, n], dim=-1)
         delta = F.softplus(dt_proj(dt_low))                       # softplus(W_dt dt_low + b_dt)
-        return u, delta, B, C
+        return u, delta, B, C, c
 
     @staticmethod
     def _scan(u, delta, A, B, C, D, z, capture: dict | None, key: str) -> Tensor:
@@ -224,15 +232,19 @@ class Mixer(nn.Module):
         """h: [Bt, L, D] -> [Bt, L, D].  With ``capture`` (a dict), fills capture["fwd"] and
         (bimamba v1/v2) capture["bwd"], the latter in the backward branch's flipped order."""
         x, z = self.in_proj(h).chunk(2, dim=-1)                   # [Bt, L, E] each
-        u, delta, B, C = self._ssm_inputs(x, self.conv1d, self.x_proj, self.dt_proj)
+        u, delta, B, C, c = self._ssm_inputs(x, self.conv1d, self.x_proj, self.dt_proj)
         A = -torch.exp(self.A_log)
         out = self._scan(u, delta, A, B, C, self.D, z, capture, "fwd")
+        if capture is not None:  # what the unified attention adds: the conv's pre-activation and kernel
+            capture["fwd"].update(c=c, conv_weight=self.conv1d.weight)
         bimamba = self.cfg.bimamba
         if bimamba == "v2":
             x_b, z_b = x.flip(1), z.flip(1)
-            u_b, delta_b, B_b, C_b = self._ssm_inputs(x_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b)
+            u_b, delta_b, B_b, C_b, c_b = self._ssm_inputs(x_b, self.conv1d_b, self.x_proj_b, self.dt_proj_b)
             A_b = -torch.exp(self.A_b_log)
             out_b = self._scan(u_b, delta_b, A_b, B_b, C_b, self.D_b, z_b, capture, "bwd")
+            if capture is not None:
+                capture["bwd"].update(c=c_b, conv_weight=self.conv1d_b.weight)
             out = out + out_b.flip(1)
             if self.cfg.divide_out:
                 out = out / 2
@@ -340,7 +352,9 @@ class VimReference(nn.Module):
 
       and a branch is {"u", "delta", "z", "y": [Bt, L, E], "B", "C": [Bt, L, N],
       "A": [E, N] (= -exp(A_log)), "D": [E]}, the backward branch's tensors in its own
-      (flipped) order: its position i is original position L-1-i.
+      (flipped) order: its position i is original position L-1-i. Branches with their own conv
+      (bimamba v2 and none) also hold "c" [Bt, L, E] (the conv's pre-activation, u = silu(c))
+      and "conv_weight" [E, 1, K], for the unified attention.
       ``residual_probes``: optional sequence of depth (or depth + 1) tensors [Bt, L, D]
       (zeros) added to r_l (entry depth: to r_depth, the residual stream entering norm_f);
       the gradient of a logit w.r.t. probe l is the total d logit / d r_l.
@@ -645,3 +659,120 @@ def mamba_attribution(model: VimReference, x: Tensor,
         v = cls_vectors_from_capture(capture, cfg.cls_pos)[start_layer:]       # [n, Bt, E, L]
         a = _minmax(v.clamp(min=0), (-2, -1)).mean(-2)                         # [n, Bt, L]
         return _to_map(rollout(a * s)[:, cfg.cls_pos], cfg)
+
+
+# =============================================================================
+# Unified implicit attention (SPEC section 6; official: Itamarzimm/UnifiedImplicitAttnRepr)
+# =============================================================================
+UNIFIED_ABLATIONS = ("act", "conv", "gate")
+
+
+def unified_cls_vector_branch(branch: dict, cls_pos: int, ablate: Sequence[str] = ()) -> Tensor:
+    """The official unified class-token vector of one branch, in that branch's own order: [Bt, E, L].
+
+    Port of the official ``compute_last_attn_vector(..., numlines=1)`` and the lines after it
+    (mamba_ssm/ops/selective_scan_interface.py of the official repository), with c = cls_pos:
+
+        a_j    = sum_n C_c[n] * prod_{k=j+1}^{c} exp(delta_k A) * delta_j B_j[n]   for j <= c, else 0
+                 (row c of the exact alpha: diagonal included, decay up to c)
+        temp_j = a_j * sigmoid(c_j)                  (c_j: the conv's pre-activation)
+        v[j]   = silu(z_c) * sum_{s<K} temp_{j+s} w[K-1-s]   (the conv as a matrix, applied to the row)
+
+    which is row c of diag(silu(z)) alpha diag(sigmoid(c)) T. ``ablate``: the official code's
+    switches, each removing one factor: "act" (sigmoid(c)), "conv" (T), "gate" (silu(z_c)).
+    branch: a captured branch (``VimReference(..., capture=True)``), with "c" and "conv_weight".
+    """
+    unknown = [a for a in ablate if a not in UNIFIED_ABLATIONS]
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {unknown}; expected any of {UNIFIED_ABLATIONS}")
+    if "c" not in branch:
+        raise ValueError("the branch has no conv pre-activation 'c': the official unified attention covers "
+                         "bimamba 'v2' and 'none' (bimamba 'v1' shares one conv between the scans)")
+    delta, A, B, C = branch["delta"], branch["A"], branch["B"], branch["C"]
+    bt, length, e = delta.shape
+    dA = torch.exp(delta[..., None] * A)                          # [Bt, L, E, N]
+    dB = delta[..., None] * B[:, :, None, :]                      # [Bt, L, E, N]
+    C_c = C[:, cls_pos, None, :]                                  # [Bt, 1, N]
+    attn = delta.new_zeros(bt, e, length)
+    # deviation: the official code recomputes each product prod_{k=j+1}^{c} with a cumprod (O(L^2));
+    # a running product from the class token back gives the same products in O(L)
+    prod = torch.ones_like(dA[:, 0])                              # empty product for j = c
+    for j in range(cls_pos, -1, -1):
+        attn[:, :, j] = (C_c * prod * dB[:, j]).sum(-1)
+        prod = prod * dA[:, j]                                    # now prod_{k=j}^{c}
+    temp = attn if "act" in ablate else attn * torch.sigmoid(branch["c"].transpose(1, 2))
+    weight = branch["conv_weight"]                                # [E, 1, K]
+    k = weight.shape[-1]
+    if "conv" in ablate:
+        conv = temp
+    else:
+        # official: padding=4 and [..., 4:L+4], i.e. K for Vim's K = 4
+        conv = F.conv1d(temp, weight.flip(-1).to(temp.dtype), groups=e, padding=k)[..., k:length + k]
+    if "gate" in ablate:
+        return conv
+    gate = F.silu(branch["z"][:, cls_pos])                        # [Bt, E]
+    return gate[..., None] * conv
+
+
+def unified_cls_vectors_from_capture(capture: dict, cls_pos: int, layers: Sequence[int] | None = None,
+                                     ablate: Sequence[str] = ()) -> Tensor:
+    """The official combined unified class-token vectors, [n_layers, Bt, E, L] (all layers by default):
+    vec = vec_fwd + flip(vec_bwd), no 1/2, no out_proj, as the official Mamba mixer stores it.
+
+    The backward vector is computed on the reversed sequence at L - 1 - cls_pos.
+    # deviation: the official code hard-codes 98 in both orders (the class token's reversed
+    # position only for odd L with the token in the middle, as in every official model).
+    Then, as the official segmentation script does, positions after cls_pos are overwritten with
+    the backward vector alone (a no-op: the forward vector is 0 there).
+    """
+    all_layers = capture["layers"]
+    out = []
+    for i in range(len(all_layers)) if layers is None else layers:
+        branches = {name: {k: v.detach() for k, v in br.items()} for name, br in all_layers[i].items()}
+        v = unified_cls_vector_branch(branches["fwd"], cls_pos, ablate)
+        if "bwd" in branches:
+            length = v.shape[-1]
+            v_b = unified_cls_vector_branch(branches["bwd"], length - 1 - cls_pos, ablate).flip(-1)
+            v = v + v_b
+            v[..., cls_pos + 1:] = v_b[..., cls_pos + 1:]
+        out.append(v)
+    return torch.stack(out)
+
+
+def unified_map_from_capture(cfg: VimConfig, grads: Tensor, capture: dict, start_layer: int = 15,
+                             ablate: Sequence[str] = ()) -> Tensor:
+    """The official unified explanation map from a captured forward and the hooks' gradients
+    (``grads`` [depth, Bt, L, D], ``hook_gradients``): per layer l >= start_layer
+
+        v_l = clamp(combined unified vector_l, min=0)                       [Bt, E, L]
+        s_l = minmax_L(max_features clamp(g_l, min=0))
+        a_l = minmax_L(mean_E(v_l) * s_l)
+
+    rank-one rollout, row cls_pos, drop cls, clamp(min=0) (official imagenet_seg_eval.py,
+    ``generate_ours``). Returns [Bt, grid_h, grid_w]. ``ablate``: see ``unified_cls_vector_branch``.
+    """
+    _check_start(cfg, start_layer)
+    layers = range(start_layer, cfg.depth)
+    with torch.no_grad():
+        v = unified_cls_vectors_from_capture(capture, cfg.cls_pos, layers, ablate).clamp(min=0)  # [n, Bt, E, L]
+        s = _minmax(grads[start_layer:].clamp(min=0).amax(-1), (-1,))                           # [n, Bt, L]
+        a = _minmax(v.sum(-2) / v.shape[-2] * s, (-1,))                                         # [n, Bt, L]
+        return _to_map(rollout(a)[:, cfg.cls_pos], cfg)
+
+
+def unified_attribution(model: VimReference, x: Tensor,
+                        target: int | Sequence[int] | Tensor | None = None,
+                        start_layer: int = 15) -> Tensor:
+    """The official unified-attention attribution (SPEC section 6): ``unified_map_from_capture``
+    with the gradients of the official Block hooks after ``backward`` of the target logit.
+
+    # deviation: the official backward of its fused branch returns partly uninitialized memory
+    # (SPEC section 6); the exact autograd gradient is used, with the fused-hook semantics.
+    Returns [Bt, grid_h, grid_w].
+    """
+    cfg = model.cfg
+    _check_start(cfg, start_layer)
+    if cfg.bimamba == "v1":
+        raise ValueError("the official unified attention covers bimamba 'v2' and 'none', not 'v1'")
+    grads, capture = _hook_gradients_and_capture(model, x, target)
+    return unified_map_from_capture(cfg, grads, capture, start_layer)

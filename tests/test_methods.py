@@ -16,7 +16,7 @@ import pytest
 
 from mamba_jax import VimConfig, init_params, vim_apply
 from mamba_jax.options import Options
-from xai.methods import METHODS, explain, forward_with_gradients
+from xai.methods import METHODS, MODELESS, explain, forward_with_gradients
 
 CFG = VimConfig(embed_dim=16, depth=3, img_size=32, patch_size=8, stride=8, num_classes=5)
 
@@ -44,7 +44,7 @@ def test_batch_equals_single_and_jit(model, method, mode):
 
 def test_modes_differ(model):
     params, images = model
-    for method in METHODS:
+    for method in set(METHODS) - set(MODELESS):
         a = explain(CFG, params, images, method, start_layer=0, mode="exact")
         b = explain(CFG, params, images, method, start_layer=0, mode="official")
         assert float(jnp.abs(a - b).max()) > 1e-4, method
@@ -144,3 +144,21 @@ def test_official_attribution_finite_where_the_last_layer_has_no_positive_attent
     for mode in ("official", "exact"):
         maps = explain(config, params, x, "mamba_attribution", mode=mode, start_layer=DEMO_START_LAYER)
         assert np.isfinite(np.asarray(maps)).all() and float(maps.max()) > 0, mode
+
+
+def test_methods_without_modes_are_the_token_relevance(model):
+    """mamba_lrp / gradient_x_input: the same map in both modes and at any start layer, equal to
+    the relevance of ``xai.lrp.lrp_relevance`` on the patch tokens (with and without the rules)."""
+    from mamba_jax.options import LRP_RULES
+    from xai.lrp import lrp_relevance
+
+    params, images = model
+    for method, rules in (("mamba_lrp", LRP_RULES), ("gradient_x_input", ())):
+        maps = explain(CFG, params, images, method, target=2, mode="exact")
+        np.testing.assert_array_equal(maps, explain(CFG, params, images, method, target=2, mode="official",
+                                                    start_layer=2))
+        relevance = np.asarray(lrp_relevance(CFG, params, images, target=2, rules=rules))
+        patches = np.maximum(relevance[:, list(CFG.patch_positions)], 0).reshape(3, *CFG.grid)
+        np.testing.assert_allclose(maps, patches, rtol=0, atol=1e-6 * max(1.0, float(np.abs(patches).max())))
+    assert float(jnp.abs(explain(CFG, params, images, "mamba_lrp", target=2)
+                         - explain(CFG, params, images, "gradient_x_input", target=2)).max()) > 1e-4

@@ -30,8 +30,9 @@ from mamba_jax.vim import VisionMamba, check_images
 
 
 @functools.partial(jax.jit, static_argnames=("config", "options"))
-def _relevance(config: VimConfig, params, images, target, options: Options):
-    """(relevance [B, L], logits [B, classes], target [B]) of one forward and backward pass."""
+def relevance_and_logits(config: VimConfig, params, images, target, options: Options):
+    """(relevance [B, L], logits [B, classes], target [B]) of one forward and backward pass, with
+    the rules of ``options.lrp_rules`` (arguments unchecked: ``lrp_relevance`` checks them)."""
     model = VisionMamba(config, options)
     B = images.shape[0]
     # entry 0 of perturb is added to the embedded tokens r_0: its gradient is d logit / d tokens
@@ -65,5 +66,5 @@ def lrp_relevance(config: VimConfig, params, images, *, target=None, rules=LRP_R
     options = (DEFAULT_OPTIONS if options is None else options).replace(lrp_rules=tuple(rules), remat=False)
     if target is not None:
         target = jnp.asarray(target, jnp.int32)
-    relevance, logits, tgt = _relevance(config, params, images, target, options)
+    relevance, logits, tgt = relevance_and_logits(config, params, images, target, options)
     return (relevance, logits, tgt) if return_logits else relevance

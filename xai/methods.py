@@ -6,6 +6,13 @@
                         with respect to the residual stream, rolled out (official mode: the
                         stream leaving each layer, as the official hook sees it; exact mode:
                         the stream entering it, the more faithful on the demo model)
+    unified_attribution the same gradient weighting over the unified implicit attention of
+                        the follow-up paper (conv, SiLU, scan and gate in one matrix per
+                        channel; ``xai.unified``, SPEC section 6)
+    mamba_lrp           MambaLRP: input x gradient of the target logit at the embedded tokens,
+                        through a forward whose factors are held constant so that relevance is
+                        conserved (``xai.lrp``, SPEC section 7); no mode, no start layer
+    gradient_x_input    the plain baseline MambaLRP improves on: input x gradient without the rules
 
 Two modes (SPEC section 4):
   "official" reproduces the official code: the truncated class-token vector (no
@@ -30,7 +37,7 @@ from einops import rearrange
 
 from mamba_jax.config import VimConfig
 from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
-from mamba_jax.options import Options
+from mamba_jax.options import LRP_RULES, Options
 from mamba_jax.vim import vim_apply
 from xai.hidden_attention import (
     DEFAULT_BUDGET,
@@ -39,11 +46,23 @@ from xai.hidden_attention import (
     official_cls_vector,
     per_layer,
 )
+from xai.lrp import relevance_and_logits
 from xai.rollout import rank_one, rollout
+from xai.unified import layer_terms, unified_channel_reduced_matrix, unified_cls_vector
 
-METHODS = ("raw_attention", "rollout", "mamba_attribution")
+METHODS = ("raw_attention", "rollout", "mamba_attribution", "unified_attribution", "mamba_lrp", "gradient_x_input")
+# the class-dependent methods (they take a target)
+GRADIENT_METHODS = ("mamba_attribution", "unified_attribution", "mamba_lrp", "gradient_x_input")
+MODELESS = ("mamba_lrp", "gradient_x_input")  # one computation whatever the mode (and start layer)
+_LRP_RULES = {"mamba_lrp": LRP_RULES, "gradient_x_input": ()}
 MODES = ("exact", "official")
 OFFICIAL_START_LAYER, OFFICIAL_DEPTH = 15, 24
+
+
+def method_modes(method: str, modes):
+    """The modes in which ``method`` gives different results: ``modes`` itself, or (None,) for a
+    method without modes (``MODELESS``): what a table of methods x modes has one row for."""
+    return (None,) if method in MODELESS else tuple(modes)
 
 
 def default_start_layer(config: VimConfig) -> int:
@@ -142,20 +161,53 @@ def _exact_gradients(grads, which: str):
     return grads[1:] if which == "output" else grads[:-1]
 
 
+def _unified_attribution(config: VimConfig, params, inter, grads, *, start_layer, mode, budget, options,
+                         exact_gradient):
+    """The token map [B, L] of unified_attribution (SPEC section 6).
+
+    official: v_l = clamp(row cls_pos of M^f + J M^b J, 0) (no 1/2, no out_proj, as the official
+      code), a_l = minmax(mean_E(v_l) * s_l), s_l as in Mamba-Attribution from the official hook's
+      gradient; rank-one rollout. exact: the channel mean of max(w (M^f + J M^b J), 0), min-max
+      normalized per layer (which cancels w, so the 1/2 of official Vim does not change the map),
+      times the exact-mode s_l (``EXACT_GRADIENT``), in a true L x L rollout.
+    """
+    pos = config.cls_pos
+    terms = [layer_terms(config, params, inter, l, start_layer=start_layer, options=options)
+             for l in range(start_layer, config.depth)]
+    if mode == "official":
+        vec = jnp.stack([unified_cls_vector(config, t, pos) for t in terms])  # [n, B, E, L]
+        s = _grad_relevance(official_gradients(config, grads))  # [n, B, L]
+        return rollout(rank_one(_minmax(jnp.maximum(vec, 0.0).mean(-2) * s, (-1,))), pos)
+
+    def weighted(t):
+        mean, lo, hi = unified_channel_reduced_matrix(config, t, clamp=True, budget=budget)
+        return _scale(mean, lo[:, None, None], hi[:, None, None])
+
+    mats = jnp.stack([weighted(t) for t in terms])  # [n, B, L, L]
+    s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
+    return rollout(mats * s[:, :, None, :], pos)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "method", "start_layer", "mode", "budget", "options",
                                              "exact_gradient"))
 def _explain(config, params, images, target, *, method, start_layer, mode, budget, options,
              exact_gradient=EXACT_GRADIENT):
+    if method in MODELESS:  # relevance of the embedded tokens, class tokens dropped by _to_grid
+        options = (DEFAULT_OPTIONS if options is None else options).replace(lrp_rules=_LRP_RULES[method])
+        return _to_grid(config, relevance_and_logits(config, params, images, target, options)[0])
     pos = config.cls_pos
     layers = range(start_layer, config.depth)
     # only the layers from start_layer on are captured (and, for the gradient, back-propagated)
-    if method == "mamba_attribution":
+    if method in GRADIENT_METHODS:
         _, inter, grads, _ = forward_with_gradients(config, params, images, target, start_layer=start_layer,
                                                     options=options)
     else:
         _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
         grads = None
     stack = functools.partial(per_layer, start_layer=start_layer)  # fn over layers, stacked
+    if method == "unified_attribution":
+        return _to_grid(config, _unified_attribution(config, params, inter, grads, start_layer=start_layer, mode=mode,
+                                                     budget=budget, options=options, exact_gradient=exact_gradient))
 
     if mode == "official":
         vec = stack(config, params, inter, layers,
@@ -238,8 +290,8 @@ def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int 
                          f"{config.cls_token!r}")
     resolve_start_layer(config, start_layer)
     check_target(config, target, n_images)  # also when the method ignores it: a bad target is a mistake
-    if target is not None and method != "mamba_attribution":
-        return None  # only the gradient method depends on the class
+    if target is not None and method not in GRADIENT_METHODS:
+        return None  # only the gradient methods depend on the class
     return target
 
 
@@ -250,9 +302,11 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
     images: normalized float NHWC images [B, H, W, C] (``mamba_jax.preprocess``); a non-empty
     batch of finite values (``mamba_jax.vim.check_images``: integer pixels or values beyond
     +-20, i.e. 0..255 pixels, are refused).
-    method: "raw_attention", "rollout" or "mamba_attribution"; mode: "exact" or "official".
-    target (Mamba-Attribution only): None = each image's top-1 class, an int, or one class
-    per image, in [0, num_classes). start_layer: the first layer used (0-based); None (the
+    method: one of ``METHODS`` ("raw_attention", "rollout", "mamba_attribution",
+    "unified_attribution", "mamba_lrp", "gradient_x_input"); mode: "exact" or "official" (the
+    last two, ``MODELESS``, ignore it and ``start_layer``: relevance propagates to the input).
+    target (the gradient methods, ``GRADIENT_METHODS``, only): None = each image's top-1 class, an
+    int, or one class per image, in [0, num_classes). start_layer: the first layer used (0-based); None (the
     default) = ``default_start_layer(config)``, the official 15 of 24 scaled to the model's depth.
     options: how the model computes (``mamba_jax.options.Options``: ``dtype=jnp.bfloat16`` for
     the fast path, the matmul precision, the scan; ``remat=True`` bounds the memory of the
@@ -265,7 +319,9 @@ def explain(config: VimConfig, params, images, method: str, *, target=None, star
     start_layer = resolve_start_layer(config, start_layer)
     target = check_arguments(config, method, mode, start_layer, target, images.shape[0])
     options = DEFAULT_OPTIONS if options is None else options
-    if method != "mamba_attribution":  # remat only matters under a gradient: one compilation either way
+    if method not in GRADIENT_METHODS:  # remat only matters under a gradient: one compilation either way
         options = options.replace(remat=False)
+    if method in MODELESS:  # one compilation whatever the mode and start layer
+        mode, start_layer = MODES[0], 0
     return _explain(config, params, images, target, method=method, start_layer=start_layer, mode=mode,
                     budget=budget, options=options)

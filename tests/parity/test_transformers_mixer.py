@@ -30,8 +30,8 @@ from transformers.models.mamba.modeling_mamba import MambaConfig, MambaMixer  # 
 
 from convert.mapping import LAYER_TABLE, to_flax  # noqa: E402
 from mamba_jax.config import VimConfig  # noqa: E402
-from mamba_jax.options import Options  # noqa: E402
 from mamba_jax.mixer import Mixer  # noqa: E402
+from mamba_jax.options import Options  # noqa: E402
 from tests.conftest import assert_close  # noqa: E402
 
 if not hasattr(MambaMixer, "slow_forward") and any(

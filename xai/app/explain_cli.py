@@ -5,7 +5,8 @@
         [--start-layer N] [--target CLASS] [--attention-layer N] [--bf16] [--scan-method M] [--remat] [--debug]
 
 Writes to DIR, for each image ``<stem>``: ``<stem>_<method>_<mode>.npy`` (float32
-[grid_h, grid_w] maps), ``<stem>.png`` (the image and one overlay per method, one row per
+[grid_h, grid_w] maps; ``<stem>_<method>.npy`` for the methods without modes, MambaLRP and
+gradient x input), ``<stem>.png`` (the image and one overlay per method, one row per
 mode); with ``--attention-layer N`` also ``<stem>_attention_layer<N>.png`` for the first
 image (channels 0..3); and one ``predictions.json`` (top-5 classes per image). Every file is
 written atomically (complete or absent). DIR must be new or empty: a rerun into the same folder
@@ -39,7 +40,7 @@ from xai.app.labels import class_names
 from xai.app.models import DEMO, add_numerics_arguments, load_model, numerics_options, parse_methods
 from xai.eval.data import IMAGE_EXTENSIONS
 from xai.hidden_attention import hidden_attention
-from xai.methods import METHODS, MODES, default_start_layer, explain
+from xai.methods import METHODS, MODELESS, MODES, default_start_layer, explain, method_modes
 
 IMAGE_SUFFIXES = IMAGE_EXTENSIONS  # the types torchvision's ImageFolder reads; other files are reported
 ATTENTION_CHANNELS = 4
@@ -133,11 +134,16 @@ def _save_json(path: Path, obj) -> None:
     atomic_write_text(path, text)
 
 
+def map_name(stem: str, method: str, mode: str | None) -> str:
+    """``<stem>_<method>_<mode>.npy``; ``<stem>_<method>.npy`` for a method without modes."""
+    return f"{stem}_{method}_{mode}.npy" if mode else f"{stem}_{method}.npy"
+
+
 def output_names(files, methods, modes, attention_layer) -> list[str]:
     """Every file name the command will write in --out; refuses names that would collide."""
     names = [PREDICTIONS, OUTPUT_MARKER]
     for f in files:
-        names += [f"{f.stem}_{m}_{mode}.npy" for mode in modes for m in methods] + [f"{f.stem}.png"]
+        names += [map_name(f.stem, m, mode) for m in methods for mode in method_modes(m, modes)] + [f"{f.stem}.png"]
     if attention_layer is not None:
         names.append(f"{files[0].stem}_attention_layer{attention_layer}.png")
     seen: set[str] = set()
@@ -219,21 +225,23 @@ def run(args: argparse.Namespace) -> int:
                 probs = np.asarray(jax.nn.softmax(vim_apply(config, params, x, options=forward), axis=-1))[: len(chunk)]
                 check_finite(probs, "the model's output", chunk)
                 maps = {(mode, m): np.asarray(explain(config, params, x, m, target=args.target, start_layer=start,
-                                                      mode=mode, options=options))[: len(chunk)]
-                        for mode in modes for m in methods}
+                                                      mode=mode or modes[0], options=options))[: len(chunk)]
+                        for m in methods for mode in method_modes(m, modes)}
                 for (mode, m), arr in maps.items():
-                    check_finite(arr, f"the {m} ({mode}) map", chunk)
+                    check_finite(arr, f"the {m} ({mode}) map" if mode else f"the {m} map", chunk)
                 for i, f in enumerate(chunk):
                     # listed before they are written: a later --overwrite removes them, even half-done
-                    record_outputs(out, "explain", [f"{f.stem}_{m}_{mode}.npy" for (mode, m) in maps]
+                    record_outputs(out, "explain", [map_name(f.stem, m, mode) for (mode, m) in maps]
                                         + [f"{f.stem}.png"])
                     for (mode, m), arr in maps.items():
-                        _save_npy(out / f"{f.stem}_{m}_{mode}.npy", arr[i])
+                        _save_npy(out / map_name(f.stem, m, mode), arr[i])
                     top = top_k(probs[i], names)
                     rows.append({"image": f.name, "path": str(f), "top5": top})
                     title = f"{f.name}: {top['classes'][0]} ({top['probabilities'][0]:.2f})"
-                    plot.modes_figure(x01[i], {mode: {m: maps[mode, m][i] for m in methods} for mode in modes},
-                                      out / f"{f.stem}.png", title=title)
+                    # a method without modes shows its one map in every mode's row
+                    by_mode = {mode: {m: maps[mode if m not in MODELESS else None, m][i] for m in methods}
+                               for mode in modes}
+                    plot.modes_figure(x01[i], by_mode, out / f"{f.stem}.png", title=title)
                 bar.update(len(chunk))
 
         if args.attention_layer is not None:

@@ -32,6 +32,9 @@ METHOD_TITLES = {
     "raw_attention": "Raw-Attention",
     "rollout": "Attn-Rollout",
     "mamba_attribution": "Mamba-Attribution",
+    "unified_attribution": "Unified-Attribution",
+    "mamba_lrp": "MambaLRP",
+    "gradient_x_input": "Gradient x Input",
 }
 BRANCH_NAMES = ("forward", "backward")
 PANEL_INCHES = 2.6  # side of one image panel

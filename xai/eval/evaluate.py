@@ -44,7 +44,7 @@ from xai.eval.metrics import (
     SegmentationAccumulator,
     perturbation_hits,
 )
-from xai.methods import METHODS, MODES, explain, resolve_start_layer
+from xai.methods import METHODS, MODES, explain, method_modes, resolve_start_layer
 
 TESTS = ("perturbation", "segmentation")
 TARGETS = ("predicted", "label")
@@ -170,7 +170,7 @@ def default_explainer(config: VimConfig, params, *, start_layer: int | None = No
 
 
 class _Row:
-    """Accumulators of one table row (a method in one mode, or a baseline)."""
+    """Accumulators of one table row (a method in one mode, a method without modes, or a baseline)."""
 
     def __init__(self, method: str, mode: str | None):
         self.method, self.mode = method, mode
@@ -218,7 +218,7 @@ class _Row:
         return {
             "method": self.method,
             "mode": self.mode,
-            "baseline": self.mode is None,
+            "baseline": self.method in BASELINES,
             "perturbation": None if not self.positive.num_images else {
                 "positive": curve(self.positive), "negative": curve(self.negative)},
             "segmentation": seg,
@@ -268,7 +268,8 @@ class Evaluation:
         self.methods, self.modes, self.tests, self.baselines = list(methods), list(modes), list(tests), list(baselines)
         self.start_layer = resolve_start_layer(config, start_layer)
         self.target, self.seed, self.options = target, seed, options
-        self.rows = [_Row(m, mode) for m in methods for mode in modes] + [_Row(b, None) for b in baselines]
+        self.rows = ([_Row(m, mode) for m in methods for mode in method_modes(m, modes)]
+                     + [_Row(b, None) for b in baselines])
         self.batch_size = 0  # every batch is padded to this size
         self.images = self.labeled = self.correct = self.with_masks = self.batches = 0
 
@@ -320,8 +321,8 @@ class Evaluation:
         """Maps float [B, gh, gw] of one row for a padded batch whose first image is number ``start``
         (not waited for: their finiteness is checked with the batch's results)."""
         grid, B = self.config.grid, x_norm.shape[0]
-        if row.mode is not None:
-            return self.explainer(x_norm, row.method, row.mode, targets)
+        if row.method not in BASELINES:  # a method without modes (MODELESS) ignores the mode it is given
+            return self.explainer(x_norm, row.method, row.mode or self.modes[0], targets)
         if row.method == "random":
             return random_maps(grid, range(start, start + B), self.seed)
         return np.broadcast_to(center_map(grid), (B, *grid))
@@ -348,12 +349,12 @@ class Evaluation:
         for row in self.rows:
             maps = self._maps(row, x_norm, targets, self.images)
             out = row.dispatch(self.classifier, x01, maps, targets, preds_device, masks_p, perturbation=perturbation)
-            out["finite"] = None if row.mode is None else _finite_rows(maps)
+            out["finite"] = None if row.method in BASELINES else _finite_rows(maps)
             pending.append(out)
         done = jax.device_get(pending)  # the batch's one wait for the device
         for row, out in zip(self.rows, done):
             if out["finite"] is not None:
-                _check_finite(out["finite"][:n], f"the {row.method} ({row.mode}) map")
+                _check_finite(out["finite"][:n], f"the {row.key} map")
 
         if labels is not None:
             known = labels >= 0
