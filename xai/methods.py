@@ -161,6 +161,25 @@ def _exact_gradients(grads, which: str):
     return grads[1:] if which == "output" else grads[:-1]
 
 
+# Unified-Attribution's exact matrices are computed this many images at a time: XLA keeps
+# about 1 GiB of intermediates per Vim-S image for them whatever the channel chunking (measured
+# on the H200: a batch of 128 at once asked for 132 GiB), so the batch is cut into slices.
+UNIFIED_IMAGES_AT_ONCE = 8
+_PER_IMAGE = ("x", "c", "z", "u", "delta", "B", "C")  # the layer terms with a batch axis
+
+
+def _images_at_a_time(fn, terms, n: int = UNIFIED_IMAGES_AT_ONCE):
+    """fn(terms) -> [B, ...], computed on slices of ``n`` images (``jax.lax.map``)."""
+    per_image = {br: {k: v for k, v in t.items() if k in _PER_IMAGE} for br, t in terms.items()}
+    shared = {br: {k: v for k, v in t.items() if k not in _PER_IMAGE} for br, t in terms.items()}
+
+    def one(image):
+        t = {br: {**shared[br], **{k: v[None] for k, v in image[br].items()}} for br in terms}
+        return fn(t)[0]
+
+    return jax.lax.map(one, per_image, batch_size=n)
+
+
 def _unified_attribution(config: VimConfig, params, inter, grads, *, start_layer, mode, budget, options,
                          exact_gradient):
     """The token map [B, L] of unified_attribution (SPEC section 6).
@@ -183,7 +202,7 @@ def _unified_attribution(config: VimConfig, params, inter, grads, *, start_layer
         mean, lo, hi = unified_channel_reduced_matrix(config, t, clamp=True, budget=budget)
         return _scale(mean, lo[:, None, None], hi[:, None, None])
 
-    mats = jnp.stack([weighted(t) for t in terms])  # [n, B, L, L]
+    mats = jnp.stack([_images_at_a_time(weighted, t) for t in terms])  # [n, B, L, L]
     s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
     return rollout(mats * s[:, :, None, :], pos)
 
