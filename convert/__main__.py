@@ -64,14 +64,16 @@ def _main(argv) -> int:
             atomic_write(args.json, lambda f: f.write(text.encode()))
         return 0
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__)
-    p.add_argument("src", help="official .pth/.pt/.safetensors file or hub id (owner/name[:file])")
+    p.add_argument("src", help="official .pth/.pt/.safetensors file or hub id (owner/name[:file]); or a Mamba "
+                               "language model's Hugging Face / state-spaces folder or hub id")
     p.add_argument("out_dir", help="folder to write (config.json + orbax params/)")
     p.add_argument("--variant", default=None, help="official variant name or alias (default: inferred)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace OUT_DIR if it is a folder this program wrote (never anything else)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
-    from convert.checkpoint import check_out_dir, load_checkpoint, save_params
+    from convert.api import load_checkpoint, save_params
+    from convert.checkpoint import check_out_dir
 
     check_out_dir(args.out_dir, overwrite=args.overwrite)  # before the (long) load
     config, params = load_checkpoint(args.src, args.variant)

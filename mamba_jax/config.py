@@ -204,3 +204,144 @@ def vim_small(stride: int = 16) -> VimConfig:
 
 def vim_base() -> VimConfig:
     return official("vim_base")
+
+
+# ---- the Mamba language model ------------------------------------------------
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MambaLMConfig:
+    """Architecture of a Mamba-1 language model (state-spaces/mamba, transformers' MambaForCausalLM).
+
+    Field names follow transformers' ``MambaConfig``; the properties below give the names the
+    shared block (``mamba_jax.mixer``) reads, so Vim and the language model run the same code.
+
+    Attributes:
+      vocab_size: rows of the embedding matrix V (transformers' ``vocab_size``; for a state-spaces
+        checkpoint the padded size, a multiple of ``pad_vocab_size_multiple``).
+      hidden_size: model width D (``d_model``).
+      state_size: SSM state size N (``d_state``).
+      num_hidden_layers: number of Mamba blocks (``n_layer``).
+      expand: inner width factor, E = expand * D (``intermediate_size``).
+      conv_kernel: causal depthwise convolution width K (``d_conv``).
+      time_step_rank: rank R of the delta projection; ``None`` (or "auto") means ceil(D / 16).
+      layer_norm_epsilon: epsilon of every norm.
+      use_bias: in_proj and out_proj have biases (``bias`` in state-spaces' ``ssm_cfg``).
+      use_conv_bias: the causal conv has a bias (``conv_bias``).
+      rms_norm: RMSNorm (True, every published checkpoint) or LayerNorm (weight and bias).
+      tie_word_embeddings: the output head is the embedding matrix (True for every published
+        checkpoint); False adds its own ``lm_head`` kernel [D, V].
+      fused_add_norm: the official Block's fused add + norm; as for ``VimConfig`` it changes only
+        which gradient the official-mode Mamba-Attribution reads (d logit / d r_{l+1}).
+      residual_in_fp32: the residual stream is float32 (always, as for ``VimConfig``).
+      name: a published model's name, when the config is one.
+    """
+
+    vocab_size: int = 50280
+    hidden_size: int = 768
+    state_size: int = 16
+    num_hidden_layers: int = 24
+    expand: int = 2
+    conv_kernel: int = 4
+    time_step_rank: int | None = None
+    layer_norm_epsilon: float = 1e-5
+    use_bias: bool = False
+    use_conv_bias: bool = True
+    rms_norm: bool = True
+    tie_word_embeddings: bool = True
+    fused_add_norm: bool = True
+    residual_in_fp32: bool = True
+    name: str = ""
+
+    def __post_init__(self):
+        if self.time_step_rank == "auto":  # transformers' spelling of the default
+            object.__setattr__(self, "time_step_rank", None)
+        for field in ("vocab_size", "hidden_size", "state_size", "num_hidden_layers", "expand", "conv_kernel",
+                      "time_step_rank"):
+            value = getattr(self, field)
+            if value is None and field == "time_step_rank":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{field} must be an integer, got {value!r}")
+            if value < 1:
+                raise ValueError(f"{field} must be positive, got {value}")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+            raise ValueError(f"layer_norm_epsilon must be a positive number, got {self.layer_norm_epsilon!r}")
+
+    # ---- the names the shared block reads (mamba_jax.mixer) -------------------
+    @property
+    def embed_dim(self) -> int:
+        """D, the model width (``hidden_size``)."""
+        return self.hidden_size
+
+    @property
+    def depth(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def d_state(self) -> int:
+        return self.state_size
+
+    @property
+    def d_conv(self) -> int:
+        return self.conv_kernel
+
+    @property
+    def d_inner(self) -> int:
+        """E, the inner (SSM channel) width (transformers' ``intermediate_size``)."""
+        return self.expand * self.hidden_size
+
+    @property
+    def rank(self) -> int:
+        """R, the delta projection rank (``time_step_rank``, resolved)."""
+        return self.time_step_rank if self.time_step_rank is not None else math.ceil(self.hidden_size / 16)
+
+    @property
+    def conv_bias(self) -> bool:
+        return self.use_conv_bias
+
+    @property
+    def proj_bias(self) -> bool:
+        return self.use_bias
+
+    @property
+    def norm_eps(self) -> float:
+        return self.layer_norm_epsilon
+
+    @property
+    def bimamba(self) -> str:
+        """"none": one causal branch."""
+        return "none"
+
+    @property
+    def divide_out(self) -> bool:
+        return False
+
+    @property
+    def num_classes(self) -> int:
+        """The outputs per position (the vocabulary)."""
+        return self.vocab_size
+
+    def replace(self, **changes) -> MambaLMConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# The published Mamba-1 language models (state-spaces/mamba-*; the "-hf" repos hold the same
+# weights in transformers' layout): (hidden_size, num_hidden_layers); vocabulary 50280 (50277
+# padded to a multiple of 8), N = 16, expand 2, K = 4, R = ceil(D / 16), RMSNorm, tied head.
+_MAMBA_LMS = {
+    "mamba-130m": (768, 24),
+    "mamba-370m": (1024, 48),
+    "mamba-790m": (1536, 48),
+    "mamba-1.4b": (2048, 48),
+    "mamba-2.8b": (2560, 64),
+}
+MAMBA_LM_NAMES: tuple[str, ...] = tuple(_MAMBA_LMS)
+
+
+def mamba_lm(name: str) -> MambaLMConfig:
+    """The config of a published Mamba language model: ``mamba-130m`` .. ``mamba-2.8b`` (also
+    with the hub prefix ``state-spaces/`` and the ``-hf`` suffix)."""
+    short = name.removeprefix("state-spaces/").removesuffix("-hf")
+    if short not in _MAMBA_LMS:
+        raise KeyError(f"unknown Mamba language model {name!r}; known: {MAMBA_LM_NAMES}")
+    hidden, layers = _MAMBA_LMS[short]
+    return MambaLMConfig(hidden_size=hidden, num_hidden_layers=layers, name=short)

@@ -59,6 +59,11 @@ def dt_bias_init(key, shape, dtype=jnp.float32, dt_min=1e-3, dt_max=0.1, floor=1
     return dt + jnp.log(-jnp.expm1(-dt))  # inverse softplus
 
 
+# float32 parameters also under jax_enable_x64 (flax's ones/zeros default to the widest float)
+_ones = functools.partial(nn.initializers.ones, dtype=jnp.float32)
+_zeros = functools.partial(nn.initializers.zeros, dtype=jnp.float32)
+
+
 def uniform(scale):
     def init(key, shape, dtype=jnp.float32):
         return jax.random.uniform(key, shape, dtype, -scale, scale)
@@ -83,7 +88,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
+        weight = self.param("weight", _ones, (x.shape[-1],))
         scale = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
         return x * (sg(scale) if self.lrp else scale) * weight
 
@@ -94,8 +99,8 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        weight = self.param("weight", nn.initializers.ones, (x.shape[-1],))
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],))
+        weight = self.param("weight", _ones, (x.shape[-1],))
+        bias = self.param("bias", _zeros, (x.shape[-1],))
         mean = jnp.mean(x, axis=-1, keepdims=True)
         scale = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True) + self.eps)
         return (x - mean) * (sg(scale) if self.lrp else scale) * weight + bias
@@ -161,7 +166,7 @@ class Mixer(nn.Module):
         dt = nn.Dense(E, precision=o.precision, dtype=o.dtype, kernel_init=uniform(R ** -0.5),
                       bias_init=dt_bias_init, name=f"dt_proj{s}")(dt_low)
         A_log = self.param("A_b_log" if s else "A_log", a_log_init, (E, N))
-        D = self.param("D" + s, nn.initializers.ones, (E,))
+        D = self.param("D" + s, _ones, (E,))
         return u, dt, B, C, -jnp.exp(A_log), D
 
     def branch(self, u, dt, B, C, A, D, z):
@@ -173,16 +178,18 @@ class Mixer(nn.Module):
         if "ssm" in rules:  # y = sg(alpha) u + D u: the scan is linear in u, nothing flows to delta, B, C
             dt, delta, B, C, A = sg(dt), sg(delta), sg(B), sg(C), sg(A)
         method = ssm.resolve_scan(self.options.scan_method, u.shape[0])
-        if method == "pallas" and rules:
-            method = "associative"  # the fused kernel gates inside: the LRP rules need the gate outside
         if method == "pallas":
             # fused GPU kernel: softplus, discretization, D skip and gate in one pass (interpret
-            # mode off the GPU, for tests)
+            # mode off the GPU, for tests); under LRP rules the gate is applied outside, where the
+            # rules can hold its factors
             from mamba_jax.pallas_scan import selective_scan_pallas
 
-            return selective_scan_pallas(u, dt, A, B, C, D, jnp.zeros_like(D), z, block_e=64, num_warps=4,
-                                         interpret=jax.default_backend() != "gpu"), caps
-        y = _scan_batch(u, delta, A, B, C, D, method)
+            y = selective_scan_pallas(u, dt, A, B, C, D, jnp.zeros_like(D), None if rules else z, block_e=64,
+                                      num_warps=4, interpret=jax.default_backend() != "gpu")
+            if not rules:
+                return y, caps
+        else:
+            y = _scan_batch(u, delta, A, B, C, D, method)
         return half(y * silu(z, "silu" in rules), "gate" in rules), caps
 
     @nn.compact
@@ -232,3 +239,59 @@ class Block(nn.Module):
         m, caps = Mixer(self.config, self.options, name="mixer")(h)
         out = {"residual": residual, **caps} if self.capture else None
         return (residual, m), out
+
+
+# ------------------------------------------------------------ the layer stack
+def init_layers(config, options: Options, carry):
+    """A ``self.param`` initializer: ``config.depth`` independently initialized Blocks, their
+    parameters stacked along a leading layer axis (``params["layers"]``)."""
+    block = Block(config, options, parent=None)
+    no_perturb = jnp.zeros((1, 1, 1), carry[0].dtype)
+
+    def init(key):
+        return jax.vmap(lambda k: block.init(k, carry, no_perturb)["params"])(jax.random.split(key, config.depth))
+
+    return init
+
+
+def run_layers(config, options: Options, stacked, carry, perturb=None, *, first: int = 0, last: int | None = None,
+               capture: bool = False, remat: bool = False):
+    """Blocks ``first .. last - 1`` of the stacked parameters as one ``jax.lax.scan`` (one
+    compiled block body): ((residual, m), captures stacked over those layers, or None).
+
+    ``perturb`` [last - first, B, L, D] (None: zeros) is added to the residual stream entering
+    each block; ``remat`` keeps only each block's input carry (and captures) for the backward pass.
+    """
+    last = config.depth if last is None else last
+    if perturb is None:
+        perturb = jnp.zeros((last - first, 1, 1, 1), carry[0].dtype)
+    segment = jax.tree.map(lambda a: a[first:last], stacked)
+    block = Block(config, options, capture, parent=None)
+    body = lambda c, xs: block.apply({"params": xs[0]}, c, xs[1])  # noqa: E731
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, carry, (segment, perturb))
+
+
+def residual_stream(config, options: Options, stacked, tokens, perturb=None, *, start_layer: int = 0,
+                    capture: bool = False):
+    """The residual stream of a whole model from its embedded ``tokens`` r_0 [B, L, D]:
+    (r_depth, the residual stream entering the final norm; captures of layers start_layer .. depth - 1).
+
+    ``perturb`` [depth - start_layer + 1, B, L, D]: entry i is added to r_{start_layer + i}, the last
+    one to r_depth. The layers before ``start_layer`` run as a separate scan, neither captured nor
+    perturbed: a gradient with respect to ``perturb`` does not pass back through them.
+    """
+    carry = (tokens, jnp.zeros_like(tokens))
+    k = start_layer
+    if k:
+        carry, _ = run_layers(config, options, stacked, carry, first=0, last=k)
+    layer_perturb = final_perturb = None
+    if perturb is not None:  # entries for r_k .. r_{depth-1}, and r_depth
+        layer_perturb, final_perturb = perturb[:-1], perturb[-1]
+    (residual, m), caps = run_layers(config, options, stacked, carry, layer_perturb, first=k, capture=capture,
+                                     remat=options.remat)
+    residual = residual + m
+    if final_perturb is not None:
+        residual = residual + final_perturb
+    return residual, caps

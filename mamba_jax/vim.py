@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from mamba_jax.config import VimConfig
-from mamba_jax.mixer import Block, make_norm
+from mamba_jax.mixer import init_layers, make_norm, residual_stream
 from mamba_jax.options import DEFAULT as DEFAULT_OPTIONS
 from mamba_jax.options import Options
 
@@ -82,37 +82,10 @@ class VisionMamba(nn.Module):
         # residual_in_fp32: the residual stream is at least float32 (float64 stays float64)
         tokens = x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
-        block = functools.partial(Block, cfg, self.options, parent=None)
         carry = (tokens, jnp.zeros_like(tokens))
-        no_perturb = jnp.zeros((1, 1, 1), tokens.dtype)
-
-        def init_layers(key):  # depth independent initializations, stacked along axis 0
-            one = lambda k: block().init(k, carry, no_perturb)["params"]  # noqa: E731
-            return jax.vmap(one)(jax.random.split(key, cfg.depth))
-
-        stacked = self.param("layers", init_layers)
-
-        def run(first, last, carry, perturb, capture, remat=False):
-            """Layers first .. last - 1 as one lax.scan (one compiled block body)."""
-            n = last - first
-            if perturb is None:
-                perturb = jnp.zeros((n, 1, 1, 1), tokens.dtype)
-            segment = jax.tree.map(lambda a: a[first:last], stacked)
-            body = lambda c, xs: block(capture=capture).apply({"params": xs[0]}, c, xs[1])  # noqa: E731
-            if remat:  # keep only each layer's input carry (and its captures) for the backward
-                body = jax.checkpoint(body)
-            return jax.lax.scan(body, carry, (segment, perturb))
-
-        k = self.start_layer
-        if k:  # layers before k: no capture and no perturbation (a gradient wrt perturb stops at k)
-            carry, _ = run(0, k, carry, None, False)
-        layer_perturb = final_perturb = None
-        if perturb is not None:  # entries for r_k .. r_{depth-1}, and r_depth (entering norm_f)
-            layer_perturb, final_perturb = perturb[:-1], perturb[-1]
-        (residual, m), caps = run(k, cfg.depth, carry, layer_perturb, self.capture, self.options.remat)
-        residual = residual + m  # r_depth, the residual stream entering norm_f
-        if final_perturb is not None:
-            residual = residual + final_perturb
+        stacked = self.param("layers", init_layers(cfg, self.options, carry))
+        residual, caps = residual_stream(cfg, self.options, stacked, tokens, perturb, start_layer=self.start_layer,
+                                         capture=self.capture)  # r_depth, the residual stream entering norm_f
         final = make_norm(cfg, "norm_f", self.options)(residual)
         head = nn.Dense(cfg.num_classes, precision=self.options.precision, dtype=self.options.dtype,
                         kernel_init=_trunc_normal,

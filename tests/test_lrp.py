@@ -117,3 +117,14 @@ def test_rules_are_checked():
     with pytest.raises(ValueError, match="collection of rule names"):
         Options(lrp_rules="norm")
     assert Options(lrp_rules=("gate", "norm")).lrp_rules == ("norm", "gate")  # one canonical spelling
+
+
+def test_every_scan_gives_the_same_relevance(small):
+    """The fused Pallas kernel (interpret mode here) runs ungated under the rules, the gate
+    applied outside: its relevance equals the associative and sequential scans' (1e-5 of max)."""
+    params, images = small
+    reference = lrp_relevance(CFG, params, images, options=ASSOC)
+    for method in ("sequential", "pallas"):
+        relevance = lrp_relevance(CFG, params, images, options=Options(scan_method=method))
+        scale = float(jnp.abs(reference).max())
+        assert float(jnp.abs(relevance - reference).max()) <= 1e-5 * scale, method

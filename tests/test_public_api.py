@@ -37,3 +37,31 @@ def test_demo_model_explained_with_the_defaults():
     maps = explain(config, params, images, "raw_attention")
     np.testing.assert_array_equal(maps, explain(config, params, images, "raw_attention", start_layer=5))
     assert maps.shape == (2, *config.grid) and np.isfinite(np.asarray(maps)).all()
+
+
+def test_language_model_contract():
+    """Issues 12 and 14 name these: importable as written, with the named keyword defaults, and
+    the three shared names take either model family."""
+    import jax.numpy as jnp
+
+    import mamba_jax
+    import xai
+    from mamba_jax import lm_apply
+    from xai import demo_lm, explain_tokens, hidden_attention, lrp_relevance, unified_attention
+
+    for name in ("lm_apply", "MambaLMConfig"):
+        assert name in mamba_jax.__all__
+    for name in ("explain_tokens", "lrp_relevance", "unified_attention", "hidden_attention", "demo_lm"):
+        assert name in xai.__all__
+    assert inspect.signature(lm_apply).parameters["capture"].default is False
+    p = inspect.signature(explain_tokens).parameters
+    assert (p["position"].default, p["target"].default, p["mode"].default) == (-1, None, "exact")
+    config, params = demo_lm()
+    tokens = jnp.zeros((2, 9), jnp.int32)
+    assert lm_apply(config, params, tokens).shape == (2, 9, config.vocab_size)
+    assert lrp_relevance(config, params, tokens).shape == (2, 9)
+    assert hidden_attention(config, params, tokens, layers=[0], channels=[0]).shape == (2, 1, 1, 1, 9, 9)
+    assert unified_attention(config, params, tokens, layers=[1], channels=[0, 1]).shape == (2, 1, 1, 2, 9, 9)
+    vim_config, vim_params = xai.demo_model()
+    images, _, _ = xai.shapes_dataset(1, seed=3)
+    assert lrp_relevance(vim_config, vim_params, images).shape == (1, vim_config.seq_len)

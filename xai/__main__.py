@@ -1,4 +1,4 @@
-"""Command line: ``python -m xai {demo,explain,evaluate} ...`` (also installed as ``mamba-jax``).
+"""Command line: ``python -m xai {demo,explain,evaluate,demo-text,explain-text} ...`` (also installed as ``mamba-jax``).
 
 Errors are reported as one line (``mamba-jax <command>: error: ...``, exit status 2); ``--debug``
 (anywhere on the line) shows the full traceback instead (``convert.errors.reported_errors``).
@@ -24,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error (any position)")
     sub = parser.add_subparsers(dest="command", required=True)
-    from xai.app import demo, evaluate_cli, explain_cli
+    from xai.app import demo, evaluate_cli, explain_cli, explain_text, lm_demo
 
     demo.add_parser(sub)
     explain_cli.add_parser(sub)
     evaluate_cli.add_parser(sub)
+    lm_demo.add_parser(sub)
+    explain_text.add_parser(sub)
     args = parser.parse_args(argv)
     enable_compilation_cache()  # before anything compiles
     with reported_errors(f"mamba-jax {args.command}", debug) as status:
