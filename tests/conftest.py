@@ -24,6 +24,18 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ["MAMBA_JAX_CACHE"] = "off"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compilation_caches():
+    """Drop JAX's compiled programs after each test module: a whole-suite run otherwise keeps every
+    module's executables (hundreds of configurations) in one process, whose memory grows into the
+    gigabytes; a suite run on 2 cores / 24 GiB crashed inside XLA's compiler 60% of the way through."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture
 def x64():
     """Run a test with float64 enabled, restoring the previous setting afterwards."""

@@ -354,7 +354,8 @@ class Evaluation:
         done = jax.device_get(pending)  # the batch's one wait for the device
         for row, out in zip(self.rows, done):
             if out["finite"] is not None:
-                _check_finite(out["finite"][:n], f"the {row.key} map")
+                what = f"the {row.method} ({row.mode}) map" if row.mode else f"the {row.method} map"
+                _check_finite(out["finite"][:n], what)
 
         if labels is not None:
             known = labels >= 0
