@@ -306,10 +306,16 @@ def _atomic_dir(out_dir: Path, overwrite: bool, write) -> Path:
 
 def save_params(out_dir, config: VimConfig, params, *, overwrite: bool = False) -> Path:
     """Write ``config.json`` and an orbax checkpoint of ``params`` to ``out_dir``, atomically."""
+    return save_folder(out_dir, dataclasses.asdict(config), params, overwrite=overwrite)
+
+
+def save_folder(out_dir, config_fields: dict, params, *, overwrite: bool = False) -> Path:
+    """``config_fields`` as ``config.json`` and an orbax checkpoint of ``params`` in ``out_dir``,
+    written in a temporary folder and renamed (``_atomic_dir``); both model families use it."""
     import orbax.checkpoint as ocp
 
     def write(tmp: Path):
-        (tmp / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (tmp / CONFIG_FILE).write_text(json.dumps(config_fields, indent=2))
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(tmp / PARAMS_DIR, jax.tree_util.tree_map(jnp.asarray, params))
             ckptr.wait_until_finished()

@@ -35,6 +35,7 @@ from convert.checkpoint import (
     _looks_local,
     hub_download,
     read_state_dict,
+    save_folder,
     unwrap_state_dict,
 )
 from convert.lm_mapping import (
@@ -215,15 +216,7 @@ def load_lm_hub(repo_id: str, config: MambaLMConfig | None = None) -> tuple[Mamb
 def save_lm_params(out_dir, config: MambaLMConfig, params, *, overwrite: bool = False) -> Path:
     """Write ``config.json`` (with "family": "mamba_lm") and an orbax checkpoint of ``params`` to
     ``out_dir``, atomically (``convert.checkpoint.save_params``' rules for the folder)."""
-    import orbax.checkpoint as ocp
-
-    def write(tmp: Path):
-        (tmp / CONFIG_FILE).write_text(json.dumps({"family": FAMILY, **dataclasses.asdict(config)}, indent=2))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / PARAMS_DIR, jax.tree_util.tree_map(jnp.asarray, params))
-            ckptr.wait_until_finished()
-
-    return _atomic_dir(Path(out_dir), overwrite, write)
+    return save_folder(out_dir, {"family": FAMILY, **dataclasses.asdict(config)}, params, overwrite=overwrite)
 
 
 def load_lm_params(path) -> tuple[MambaLMConfig, dict]:
