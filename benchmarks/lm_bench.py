@@ -136,45 +136,50 @@ def main(argv=None):
     rows = []
     header = ["| batch | work | ms | tokens/s | peak GiB | compile s |", "|---:|---|---:|---:|---:|---:|"]
     log("\n".join(header))
-    todo = []
-    for B in batches:
-        tokens = jax.random.randint(jax.random.PRNGKey(B), (B, T), 0, config.vocab_size)
-        jax.block_until_ready(lm_apply(config, params, tokens[:, :8]))  # the check, once, outside the timings
-        todo += [(B, *case) for case in cases(config, params, tokens, methods, modes, options, start, args.remat)]
-    executables = {}
-    if args.compile_threads > 1:  # compile everything first, several at a time (XLA compiles off the GIL);
-        # each compile time is then an upper bound (the compiles share the CPU), the timings are unaffected
-        from concurrent.futures import ThreadPoolExecutor
-
-        def compile_one(i):
-            try:
-                return i, compile_timed(todo[i][2], todo[i][3])
-            except Exception as e:  # reported when the row is timed
-                return i, e
-
-        with ThreadPoolExecutor(args.compile_threads) as pool:
-            executables = dict(pool.map(compile_one, range(len(todo))))
-    for i, (B, work, fn, fargs) in enumerate(todo):
-        try:
-            pre = executables.get(i)
-            if isinstance(pre, Exception):
-                raise pre
-            seconds, peak, compile_s = measure(fn, fargs, reps, compiled=pre)
-        except Exception as e:  # one failing row (out of memory, say) does not end the run
-            log(f"| {B} | {work} | FAILED {type(e).__name__}: {str(e)[:200]} |")
-            continue
-        row = dict(model=config.name, batch=B, seq_len=T, work=work, seconds=seconds,
-                   tokens_per_s=B * T / seconds, peak_gib=peak, compile_s=compile_s)
-        rows.append(row)
-        log(fmt(row))
     out = Path(args.out)
     meta = dict(argv=["python", "benchmarks/lm_bench.py", *(sys.argv[1:] if argv is None else argv)], device=device,
                 model=config.name, seq_len=T, reps=reps, start_layer=start, bf16=args.bf16, precision=args.precision,
                 remat=args.remat, jax=jax.__version__)
-    atomic_write_text(out / "results.json", json.dumps(dict(meta=meta, rows=rows), indent=1, allow_nan=False) + "\n")
     title = (f"# Mamba LM benchmark: {config.name}, {T} tokens, {device}\n\nmedian of {reps} runs; "
              f"`{' '.join(meta['argv'])}`\n\n")
-    atomic_write_text(out / "results.md", title + "\n".join(header + [fmt(r) for r in rows]) + "\n")
+
+    def write():  # after every row: a run cut short still leaves the rows it timed
+        text = json.dumps(dict(meta=meta, rows=rows), indent=1, allow_nan=False)
+        atomic_write_text(out / "results.json", text + "\n")
+        atomic_write_text(out / "results.md", title + "\n".join(header + [fmt(r) for r in rows]) + "\n")
+
+    for B in batches:  # one batch at a time: its rows are timed before the next batch compiles
+        tokens = jax.random.randint(jax.random.PRNGKey(B), (B, T), 0, config.vocab_size)
+        jax.block_until_ready(lm_apply(config, params, tokens[:, :8]))  # the check, once, outside the timings
+        todo = [(B, *case) for case in cases(config, params, tokens, methods, modes, options, start, args.remat)]
+        executables = {}
+        if args.compile_threads > 1:  # compile the batch's rows first, several at a time (XLA compiles off the
+            # GIL); each compile time is then an upper bound (the compiles share the CPU), the timings are unaffected
+            from concurrent.futures import ThreadPoolExecutor
+
+            def compile_one(i, todo=todo):
+                try:
+                    return i, compile_timed(todo[i][2], todo[i][3])
+                except Exception as e:  # reported when the row is timed
+                    return i, e
+
+            with ThreadPoolExecutor(args.compile_threads) as pool:
+                executables = dict(pool.map(compile_one, range(len(todo))))
+        for i, (B, work, fn, fargs) in enumerate(todo):
+            try:
+                pre = executables.pop(i, None)
+                if isinstance(pre, Exception):
+                    raise pre
+                seconds, peak, compile_s = measure(fn, fargs, reps, compiled=pre)
+            except Exception as e:  # one failing row (out of memory, say) does not end the run
+                log(f"| {B} | {work} | FAILED {type(e).__name__}: {str(e)[:200]} |")
+                continue
+            row = dict(model=config.name, batch=B, seq_len=T, work=work, seconds=seconds,
+                       tokens_per_s=B * T / seconds, peak_gib=peak, compile_s=compile_s)
+            rows.append(row)
+            log(fmt(row))
+            write()
+        del executables
     log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 

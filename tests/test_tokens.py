@@ -211,3 +211,20 @@ def test_one_name_for_both_families():
                                   lm_lrp_relevance(CFG, params, TOKENS, position=POS))
     with pytest.raises(ValueError, match="position applies to language models"):
         tokens.lrp_relevance(VimConfig(), {}, np.zeros((1, 224, 224, 3)), position=3)
+
+
+def test_unified_matrices_in_slices_equal_all_at_once():
+    """Unified-Attribution's exact matrices are computed a slice of the batch at a time (one
+    1024-token sequence at a time, ``xai.methods.unified_slice``): slices of one sequence give the
+    batch's numbers."""
+    from xai.methods import _images_at_a_time, unified_slice
+    from xai.unified import layer_terms, unified_channel_reduced_matrix
+
+    assert unified_slice(197) == 8 and unified_slice(1024) == 1 and unified_slice(64) == 75
+    params = model()
+    terms = layer_terms(CFG, params, _captures(CFG, params), 1, start_layer=0, options=None)
+
+    def mean(t):
+        return unified_channel_reduced_matrix(CFG, t, clamp=True)[0]
+
+    assert_close(_images_at_a_time(mean, terms, n=1), mean(terms), rtol_of_max=1e-6, name="one at a time")

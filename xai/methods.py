@@ -161,17 +161,26 @@ def _exact_gradients(grads, which: str):
     return grads[1:] if which == "output" else grads[:-1]
 
 
-# Unified-Attribution's exact matrices are computed this many images at a time: XLA keeps
+# Unified-Attribution's exact matrices are computed a slice of the batch at a time: XLA keeps
 # about 1 GiB of intermediates per Vim-S image for them whatever the channel chunking (measured
-# on the H200: a batch of 128 at once asked for 132 GiB), so the batch is cut into slices.
+# on the H200: a batch of 128 at once asked for 132 GiB; mamba-130m, 1024 tokens, batch 16 at
+# once asked for 867 GiB), so the batch is cut into slices of this many 197-token images,
+# scaled by (197 / L)^2 for other lengths (one 1024-token sequence at a time).
 UNIFIED_IMAGES_AT_ONCE = 8
 _PER_IMAGE = ("x", "c", "z", "u", "delta", "B", "C")  # the layer terms with a batch axis
 
 
-def _images_at_a_time(fn, terms, n: int = UNIFIED_IMAGES_AT_ONCE):
-    """fn(terms) -> [B, ...], computed on slices of ``n`` images (``jax.lax.map``)."""
+def unified_slice(L: int) -> int:
+    """How many inputs of ``L`` tokens Unified-Attribution's exact matrices take at once."""
+    return max(1, int(UNIFIED_IMAGES_AT_ONCE * (197 / L) ** 2))
+
+
+def _images_at_a_time(fn, terms, n: int | None = None):
+    """fn(terms) -> [B, ...], computed on slices of ``n`` inputs (``jax.lax.map``; default
+    ``unified_slice`` of the terms' length)."""
     per_image = {br: {k: v for k, v in t.items() if k in _PER_IMAGE} for br, t in terms.items()}
     shared = {br: {k: v for k, v in t.items() if k not in _PER_IMAGE} for br, t in terms.items()}
+    n = unified_slice(next(iter(terms.values()))["delta"].shape[1]) if n is None else n
 
     def one(image):
         t = {br: {**shared[br], **{k: v[None] for k, v in image[br].items()}} for br in terms}

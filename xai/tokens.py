@@ -63,6 +63,7 @@ from xai.methods import (
     MODELESS,
     MODES,
     _grad_relevance,
+    _images_at_a_time,
     _minmax,
     _scale,
     default_start_layer,
@@ -185,7 +186,8 @@ def position_map(config: MambaLMConfig, params, inter, grads, pos: int, *, metho
             mean, lo, hi = unified_channel_reduced_matrix(config, t, clamp=True, budget=budget)
             return _scale(mean, lo[:, None, None], hi[:, None, None])
 
-        return rollout(jnp.stack([weighted(t) for t in terms]) * s[:, :, None, :], pos)
+        mats = jnp.stack([_images_at_a_time(weighted, t) for t in terms])  # [n, B, T, T]
+        return rollout(mats * s[:, :, None, :], pos)
 
     if mode == "official":
         vec = stack(config, params, inter, layers,
