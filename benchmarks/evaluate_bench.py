@@ -98,7 +98,7 @@ from xai.eval.evaluate import (  # noqa: E402
 )
 from xai.eval.metrics import PERTURBATION_STEPS, perturbation_hits, segmentation_stats  # noqa: E402
 from xai.eval.shapes import shapes_batches  # noqa: E402
-from xai.methods import METHODS, MODES, resolve_start_layer  # noqa: E402
+from xai.methods import METHODS, MODES, method_modes, resolve_start_layer  # noqa: E402
 
 BACKEND_READY = time.time() if jax.devices() else None  # initializes the backend
 MODELS = {"tiny": "vim_tiny", "small": "vim_small", "base": "vim_base", "demo": None}
@@ -236,10 +236,11 @@ def run_one(run: dict, args, first_in_process: bool, process_s: float) -> dict:
     t_fwd = timed(lambda: classifier(x_norm), reps=args.reps)
     t_expl, maps = {}, None
     for method in run["methods"]:
-        for mode in run["modes"]:
-            t_expl[f"{method}/{mode}"] = timed(lambda m=method, md=mode: explainer(x_norm, m, md, targets),
-                                               reps=args.reps)
-            log(f"  {method}/{mode}: {B / t_expl[f'{method}/{mode}']:.1f} img/s")
+        for mode in method_modes(method, run["modes"]):  # a method without modes (MODELESS) once, as evaluate
+            key = f"{method}/{mode}" if mode else method
+            t_expl[key] = timed(lambda m=method, md=mode or run["modes"][0]: explainer(x_norm, m, md, targets),
+                                reps=args.reps)
+            log(f"  {key}: {B / t_expl[key]:.1f} img/s")
     maps = explainer(x_norm, run["methods"][0], run["modes"][0], targets)
     t_pert = timed(lambda: [perturbation_hits(classifier, x01, maps, targets, positive=p, unperturbed=targets)
                             for p in (True, False)], reps=2)
