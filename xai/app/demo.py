@@ -107,11 +107,12 @@ def add_parser(subparsers):
     p = subparsers.add_parser(
         "demo", help="the main job on the embedded demo model (offline, a few minutes on a CPU)",
         description="Loads the embedded demo Vim (trained on procedural shapes), explains sample images with "
-                    "the three methods in both modes, writes figures, and runs the perturbation and "
+                    "the five methods (both modes where a method has them) and the gradient x input "
+                    "baseline, writes figures, and runs the perturbation and "
                     "segmentation tests on a held-out procedural set.")
     p.add_argument("--out", default="out/demo", metavar="DIR")
     p.add_argument("--n-eval", type=int, default=32,
-                   help="images in the evaluation set (default 32: about 3 minutes on 2 CPU cores)")
+                   help="images in the evaluation set (default 32: about 8 minutes on 2 CPU cores)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=1000, help="seed of the evaluation set (training used 0)")
     p.add_argument("--no-progress", action="store_true")
