@@ -33,6 +33,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from einops import rearrange
 
 from mamba_jax.config import VimConfig
@@ -285,25 +286,32 @@ def resolve_start_layer(config: VimConfig, start_layer) -> int:
     return start_layer
 
 
+def check_index_target(target, n: int, size: int, *, per: str, kind: str, outside: str) -> None:
+    """Check a target of ``n`` inputs: None, an int, or one int per input, each in [0, size);
+    values are checked unless ``target`` is a tracer or spans other processes. The messages name
+    the problem with the caller's words: ``per`` (the shape), ``kind`` (the values), ``outside``
+    (the range). Shared by images (classes) and language models (token ids)."""
+    if target is None:
+        return
+    shape = tuple(getattr(target, "shape", np.shape(target)))
+    if len(shape) > 1 or (len(shape) == 1 and shape[0] != n):
+        raise ValueError(f"target must be {per} ({n}), got shape {shape}")
+    if isinstance(target, jax.core.Tracer) or not getattr(target, "is_fully_addressable", True):
+        return
+    t = np.asarray(jax.device_get(target))
+    if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
+        raise ValueError(f"target must be {kind}, got {target!r} ({t.dtype})")
+    bad = t[(t < 0) | (t >= size)]
+    if bad.size:
+        raise ValueError(f"target {bad.tolist()[:10] if t.ndim else int(t)} is outside {outside}")
+
+
 def check_target(config: VimConfig, target, n_images: int) -> None:
     """``target``: None, an int, or one int per image, each in [0, num_classes) (values are
     checked unless ``target`` is a tracer)."""
-    if target is None:
-        return
-    shape = tuple(getattr(target, "shape", jnp.shape(target)))
-    if len(shape) > 1 or (len(shape) == 1 and shape[0] != n_images):
-        raise ValueError(f"target must be an int or one class per image ({n_images}), got shape {shape}")
-    if isinstance(target, jax.core.Tracer) or not getattr(target, "is_fully_addressable", True):
-        return
-    import numpy as np
-
-    t = np.asarray(jax.device_get(target))
-    if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
-        raise ValueError(f"target must be integer class indices, got {target!r} ({t.dtype})")
-    bad = t[(t < 0) | (t >= config.num_classes)]
-    if bad.size:
-        raise ValueError(f"target {bad.tolist()[:10] if t.ndim else int(t)} is outside the model's "
-                         f"{config.num_classes} classes (0..{config.num_classes - 1})")
+    check_index_target(target, n_images, config.num_classes, per="an int or one class per image",
+                       kind="integer class indices",
+                       outside=f"the model's {config.num_classes} classes (0..{config.num_classes - 1})")
 
 
 def check_arguments(config: VimConfig, method: str, mode: str, start_layer: int | None, target, n_images: int):

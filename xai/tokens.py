@@ -66,6 +66,7 @@ from xai.methods import (
     _images_at_a_time,
     _minmax,
     _scale,
+    check_index_target,
     default_start_layer,
 )
 from xai.rollout import rank_one, rollout
@@ -91,17 +92,8 @@ def check_target(config: MambaLMConfig, target, batch: int):
     in [0, vocab_size); returns it as int32 (or None). Values are checked unless traced."""
     if target is None:
         return None
-    shape = tuple(getattr(target, "shape", np.shape(target)))
-    if len(shape) > 1 or (len(shape) == 1 and shape[0] != batch):
-        raise ValueError(f"target must be a token id or one token id per sequence ({batch}), got shape {shape}")
-    if not isinstance(target, jax.core.Tracer):
-        t = np.asarray(jax.device_get(target))
-        if t.dtype == bool or not np.issubdtype(t.dtype, np.integer):
-            raise ValueError(f"target must be integer token ids, got {target!r} ({t.dtype})")
-        bad = t[(t < 0) | (t >= config.vocab_size)]
-        if bad.size:
-            raise ValueError(f"target {bad.tolist()[:10] if t.ndim else int(t)} is outside the vocabulary "
-                             f"0..{config.vocab_size - 1}")
+    check_index_target(target, batch, config.vocab_size, per="a token id or one token id per sequence",
+                       kind="integer token ids", outside=f"the vocabulary 0..{config.vocab_size - 1}")
     return jnp.broadcast_to(jnp.asarray(target, jnp.int32), (batch,))
 
 
