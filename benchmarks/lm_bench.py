@@ -179,7 +179,6 @@ def main(argv=None):
             rows.append(row)
             log(fmt(row))
             write()
-        del executables
     log(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 

@@ -26,11 +26,12 @@ os.environ["MAMBA_JAX_CACHE"] = "off"
 
 def pytest_configure(config):
     """The default suite (``-m 'not slow'``) compiles hundreds of small programs and runs each for
-    moments: LLVM's optimizations of XLA's CPU code cost more than they save there (measured on 2
-    cores: eight explanation tests 71 s -> 32 s, parity tests 188 s -> 165 s), so it compiles at
-    optimization level 0; the slow tests run long programs (the demo model's evaluation took 954 s
-    instead of 289 s that way) and keep XLA's default. Set before any test module imports and
-    before JAX starts its backend; the command lines the tests run in subprocesses inherit it."""
+    moments: LLVM's optimizations of XLA's CPU code cost more than they save there (whole runs on
+    2 cores: tests/test_methods.py 264 s -> 107 s, tests/parity/test_parity.py 188 s -> 144 s), so
+    it compiles at optimization level 0; the slow tests run long programs (the demo model's
+    evaluation took 954 s instead of 289 s that way) and keep XLA's default. Set before any test
+    module imports and before JAX starts its backend; the command lines the tests run in
+    subprocesses inherit it."""
     if config.option.markexpr == "not slow" and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

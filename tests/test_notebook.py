@@ -41,14 +41,15 @@ def test_only_library_calls():
 
 
 def test_notebook_runs(tmp_path, monkeypatch):
-    """Executes the notebook headless on the embedded demo weights (about 100 s on 2 cores)."""
+    """Executes the notebook headless on the embedded demo weights (70-110 s on 2 cores)."""
     from nbclient import NotebookClient
 
     # the kernel imports the package from the repository without an install
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     # the notebook runs the demo model at 224 x 224: XLA's default optimizations pay off there
-    # (tests/conftest.py turns them off for the suite's small programs; 156 s instead of 108 s)
+    # (tests/conftest.py turns them off for the suite's small programs; at level 0 this test
+    # took 156 s in a whole run, 108 s with the defaults)
     flags = os.environ.get("XLA_FLAGS", "").replace("--xla_backend_optimization_level=0", "").strip()
     monkeypatch.setenv("XLA_FLAGS", flags)
     nb = _read()

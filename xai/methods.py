@@ -190,6 +190,17 @@ def _images_at_a_time(fn, terms, n: int | None = None):
     return jax.lax.map(one, per_image, batch_size=n)
 
 
+def unified_exact_matrices(config, terms, budget: int):
+    """[n, B, L, L]: per layer of ``terms`` (``layer_terms`` of each), the channel mean of the
+    clamped unified matrix min-max scaled by its own channel and position extremes, computed
+    ``unified_slice`` inputs at a time. The exact mode of Unified-Attribution, images and tokens."""
+    def weighted(t):
+        mean, lo, hi = unified_channel_reduced_matrix(config, t, clamp=True, budget=budget)
+        return _scale(mean, lo[:, None, None], hi[:, None, None])
+
+    return jnp.stack([_images_at_a_time(weighted, t) for t in terms])
+
+
 def _unified_attribution(config: VimConfig, params, inter, grads, *, start_layer, mode, budget, options,
                          exact_gradient):
     """The token map [B, L] of unified_attribution (SPEC section 6).
@@ -208,11 +219,7 @@ def _unified_attribution(config: VimConfig, params, inter, grads, *, start_layer
         s = _grad_relevance(official_gradients(config, grads))  # [n, B, L]
         return rollout(rank_one(_minmax(jnp.maximum(vec, 0.0).mean(-2) * s, (-1,))), pos)
 
-    def weighted(t):
-        mean, lo, hi = unified_channel_reduced_matrix(config, t, clamp=True, budget=budget)
-        return _scale(mean, lo[:, None, None], hi[:, None, None])
-
-    mats = jnp.stack([_images_at_a_time(weighted, t) for t in terms])  # [n, B, L, L]
+    mats = unified_exact_matrices(config, terms, budget)  # [n, B, L, L]
     s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
     return rollout(mats * s[:, :, None, :], pos)
 

@@ -63,11 +63,11 @@ from xai.methods import (
     MODELESS,
     MODES,
     _grad_relevance,
-    _images_at_a_time,
     _minmax,
     _scale,
     check_index_target,
     default_start_layer,
+    unified_exact_matrices,
 )
 from xai.rollout import rank_one, rollout
 
@@ -166,7 +166,7 @@ def position_map(config: MambaLMConfig, params, inter, grads, pos: int, *, metho
         leaving = config.fused_add_norm if mode == "official" else EXACT_GRADIENT == "output"
         gradients = grads[1:] if leaving else grads[:-1]
     if method == "unified_attribution":
-        from xai.unified import layer_terms, unified_channel_reduced_matrix, unified_cls_vector
+        from xai.unified import layer_terms, unified_cls_vector
 
         terms = [layer_terms(config, params, inter, l, start_layer=start_layer, options=options) for l in layers]
         s = _grad_relevance(gradients)  # [n, B, T]
@@ -174,12 +174,7 @@ def position_map(config: MambaLMConfig, params, inter, grads, pos: int, *, metho
             vec = jnp.stack([unified_cls_vector(config, t, pos) for t in terms])  # [n, B, E, T]
             return rollout(rank_one(_minmax(jnp.maximum(vec, 0.0).mean(-2) * s, (-1,))), pos)
 
-        def weighted(t):
-            mean, lo, hi = unified_channel_reduced_matrix(config, t, clamp=True, budget=budget)
-            return _scale(mean, lo[:, None, None], hi[:, None, None])
-
-        mats = jnp.stack([_images_at_a_time(weighted, t) for t in terms])  # [n, B, T, T]
-        return rollout(mats * s[:, :, None, :], pos)
+        return rollout(unified_exact_matrices(config, terms, budget) * s[:, :, None, :], pos)
 
     if mode == "official":
         vec = stack(config, params, inter, layers,
