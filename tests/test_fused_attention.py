@@ -82,6 +82,11 @@ def test_large_delta_takes_the_guarded_path():
     per_channel = R.max(-1)
     assert (per_channel > RMAX).any() and (per_channel <= RMAX).any(), "both diagonal paths are exercised"
     check_stats(args, weight=0.5, block=block, clamp=True)
+    # the sum alone (what the exact rollout asks for): the same mean, no min / max
+    _, M = reference(*args, weight=0.5)
+    mean, lo, hi = combined_stats(*args, weight=0.5, clamp=True, extremes=False, block=block, interpret=True)
+    assert lo is None and hi is None
+    assert_close(mean, jnp.maximum(M, 0.0).mean(1), atol=TOL * float(jnp.abs(M).max()), name="mean without extremes")
     alphas, _ = reference(*args)
     got = combined_alpha(*args, block=block, interpret=True)
     for r in range(2):
