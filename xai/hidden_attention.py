@@ -221,21 +221,23 @@ def exact_cls_row(config: VimConfig, inter, A_f, A_b, pos: int):
 
 
 def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = False,
-                           budget: int = DEFAULT_BUDGET, method: str = "auto"):
+                           budget: int = DEFAULT_BUDGET, method: str = "auto", extremes: bool = True):
     """Channel statistics of one layer's combined matrix w * (alpha_fwd + alpha_bwd):
     its channel mean [B, L, L] and its min and max over channels and positions ([B] each),
     so that the channel mean of the per-image min-max normalized tensor is
     (mean - min) / (max - min). ``clamp`` applies max(alpha, 0) first (Mamba-Attribution).
     The [E, L, L] tensor never exists at once: "xla" computes it chunk by chunk over channels,
     "pallas" (the default on a GPU: ``method="auto"``) tile by tile in registers
-    (``mamba_jax.pallas_attention.combined_stats``)."""
+    (``mamba_jax.pallas_attention.combined_stats``). ``extremes=False``: the min and max are not
+    needed (returned as None; the kernel then keeps only the sum)."""
     f, b = inter["fwd"], inter.get("bwd")
     if pallas_attention.resolve_attention(method) == "pallas":
         args = [f["delta"], f["B"], f["C"], A_f]
         if b is not None:
             args += [b["delta"], b["B"], b["C"], A_b]
         return pallas_attention.combined_stats(*args, weight=branch_weight(config) if b is not None else 1.0,
-                                               clamp=clamp, interpret=jax.default_backend() != "gpu")
+                                               clamp=clamp, extremes=extremes,
+                                               interpret=jax.default_backend() != "gpu")
     E, N = A_f.shape
     Bsz, L = f["delta"].shape[:2]
     chunk = _channel_chunk(E, Bsz, L, N, budget // (2 if b is not None else 1))
@@ -253,6 +255,8 @@ def channel_reduced_matrix(config: VimConfig, inter, A_f, A_b, *, clamp: bool = 
     if b is not None:
         xs = xs + _split_channels(b["delta"], A_b, chunk)
     sums, lows, highs = jax.lax.map(stats, xs)
+    if not extremes:
+        return sums.sum(0) / E, None, None
     return sums.sum(0) / E, lows.min(0), highs.max(0)
 
 
@@ -281,9 +285,10 @@ def class_token_attention(config: VimConfig, params, images, *, layers=None, off
 @functools.partial(jax.jit, static_argnames=("config", "budget", "start_layer", "options"))
 def _channel_mean(config, params, images, layers, budget, start_layer, options):
     _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
-    return per_layer(config, params, inter, layers,
-                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, budget=budget)[0], axis=1,
-                     start_layer=start_layer)
+    def mean(br, A_f, A_b):
+        return channel_reduced_matrix(config, br, A_f, A_b, budget=budget, extremes=False)[0]
+
+    return per_layer(config, params, inter, layers, mean, axis=1, start_layer=start_layer)
 
 
 def channel_mean_attention(config: VimConfig, params, images, *, layers=None, budget: int = DEFAULT_BUDGET,

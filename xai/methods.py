@@ -266,7 +266,7 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
             # demo model they span -122 .. 41), which makes the row normalization ill-conditioned
             mats = stack(config, params, inter, layers,
                          lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True,
-                                                                     budget=budget)[0])
+                                                                     budget=budget, extremes=False)[0])
             token_map = rollout(mats, pos)
         else:
             def weighted(br, A_f, A_b):

@@ -191,7 +191,8 @@ def position_map(config: MambaLMConfig, params, inter, grads, pos: int, *, metho
         return minmax(rows).mean(-2).mean(0)
     if method == "rollout":
         mats = stack(config, params, inter, layers,
-                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)[0])
+                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget,
+                                                                extremes=False)[0])
         return rollout(mats, pos)
 
     def weighted(br, A_f, A_b):
