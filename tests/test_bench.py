@@ -34,3 +34,17 @@ def test_bench_smoke_and_merge(tmp_path):
     assert out["meta"]["reps"] == "1/3" and [m["folder"] for m in out["meta"]["runs"]] == ["one", "two"]
     lines = (merged / "results.md").read_text().splitlines()
     assert lines[2].endswith("| compile s | run |") and lines[-1].endswith("| two |")
+
+
+def test_attention_ablation_interpret():
+    """benchmarks/attention_ablation.py in interpret mode: the shipped kernel and its sum-only
+    variant agree with the plain-float32 reference (exactly, on the CPU), and a variant that
+    leaves a stage out restores the module afterwards (the next default row is right again)."""
+    cmd = [sys.executable, "benchmarks/attention_ablation.py", "--interpret", "--channels", "4", "--batches", "1",
+           "--variants", "default,nodot,nostats", "--configs", '[{"split": 2}]']
+    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True, timeout=600).stdout
+    rows = [line for line in out.splitlines() if line.startswith("batch")]
+    assert len(rows) == 4 and not any("FAILED" in r for r in rows), out
+    for r in (rows[0], rows[2], rows[3]):
+        errors = [float(x) for x in r.split("error of max:")[1].split("(")[0].split()]
+        assert errors and max(errors) < 1e-6, r
