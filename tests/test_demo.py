@@ -2,11 +2,15 @@
 trivial maps on the faithfulness tests (issue 4). Everything here is deterministic (fixed seeds,
 shipped weights), so the stated margins are checks, not statistics."""
 
+import json
+
 import numpy as np
 import pytest
 
 from mamba_jax import normalize, vim_apply
+from mamba_jax.files import OUTPUT_MARKER
 from xai.app.demo import DEMO_CONFIG, DEMO_START_LAYER, demo_model, run_demo
+from xai.app.files import OutputDirError
 from xai.eval.evaluate import evaluate
 from xai.eval.shapes import SHAPE_CLASSES, shapes_dataset01
 from xai.methods import METHODS, MODES, default_start_layer, method_modes
@@ -61,6 +65,20 @@ def test_explanations_beat_trivial_maps(model):
 def test_main_job_end_to_end(tmp_path):
     results = run_demo(tmp_path, n_eval=16, n_show=2, progress=False)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["attention_layer5.png", "perturbation_curves.png", "results.json", "results.md",
-                     "sample_0.png", "sample_1.png"]
+    written = ["attention_layer5.png", "perturbation_curves.png", "results.json", "results.md", "sample_0.png",
+               "sample_1.png"]
+    assert names == sorted([OUTPUT_MARKER] + written)
+    marker = (tmp_path / OUTPUT_MARKER).read_text().splitlines()
+    assert json.loads(marker[0]) == {"command": "demo"} and sorted(marker[1:]) == written
     assert results["counts"]["images"] == 16
+
+
+def test_main_job_refuses_a_folder_it_did_not_write(tmp_path):
+    """Checked before any work: a non-empty folder needs --overwrite, and --overwrite replaces
+    only an earlier demo run's files; the folder is left as it was."""
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputDirError, match="notes.txt"):
+            run_demo(tmp_path, n_eval=1, n_show=1, overwrite=overwrite, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
