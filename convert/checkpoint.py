@@ -325,8 +325,6 @@ def save_folder(out_dir, config_fields: dict, params, *, overwrite: bool = False
 
 def load_params(path) -> tuple[VimConfig, dict]:
     """Read a folder written by ``save_params``."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     cfg_file = path / CONFIG_FILE
     if not cfg_file.is_file() or not (path / PARAMS_DIR).is_dir():
@@ -336,8 +334,16 @@ def load_params(path) -> tuple[VimConfig, dict]:
         config = VimConfig(**json.loads(cfg_file.read_text()))
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: not a model config written by save_params ({e})") from e
-    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32),
-                                    param_shapes(config), is_leaf=lambda x: isinstance(x, tuple))
+    return config, restore_params(path, param_shapes(config))
+
+
+def restore_params(path: Path, shapes) -> dict:
+    """The float32 parameters of ``shapes`` (a tree of shape tuples) from ``path``'s orbax folder;
+    a damaged folder or a non-finite value is a ``CheckpointError`` naming it."""
+    import orbax.checkpoint as ocp
+
+    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                                    is_leaf=lambda x: isinstance(x, tuple))
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(path / PARAMS_DIR, target)
@@ -348,7 +354,7 @@ def load_params(path) -> tuple[VimConfig, dict]:
         if not bool(jnp.isfinite(leaf).all()):
             name = "/".join(str(getattr(k, "key", k)) for k in keys)
             _check_finite(np.asarray(leaf), name, str(path))
-    return config, params
+    return params
 
 
 def export_state_dict(config: VimConfig, params, path, *, overwrite: bool = False) -> Path:

@@ -31,10 +31,10 @@ from convert.checkpoint import (
     HUB_FILES,
     PARAMS_DIR,
     _atomic_dir,
-    _check_finite,
     _looks_local,
     hub_download,
     read_state_dict,
+    restore_params,
     save_folder,
     unwrap_state_dict,
 )
@@ -221,8 +221,6 @@ def save_lm_params(out_dir, config: MambaLMConfig, params, *, overwrite: bool = 
 
 def load_lm_params(path) -> tuple[MambaLMConfig, dict]:
     """Read a folder written by ``save_lm_params``."""
-    import orbax.checkpoint as ocp
-
     path = Path(path).absolute()
     cfg_file = path / CONFIG_FILE
     fields = _read_json(cfg_file)
@@ -232,18 +230,7 @@ def load_lm_params(path) -> tuple[MambaLMConfig, dict]:
         config = MambaLMConfig(**fields)
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{cfg_file}: not a model config written by save_params ({e})") from e
-    target = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), lm_param_shapes(config),
-                                    is_leaf=lambda x: isinstance(x, tuple))
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(path / PARAMS_DIR, target)
-    except Exception as e:  # orbax/tensorstore raise many types for damaged folders
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path / PARAMS_DIR}: cannot restore the parameters ({first})") from e
-    for keys, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if not bool(jnp.isfinite(leaf).all()):
-            _check_finite(np.asarray(leaf), "/".join(str(getattr(k, "key", k)) for k in keys), str(path))
-    return config, params
+    return config, restore_params(path, lm_param_shapes(config))
 
 
 # ---------------------------------------------------------------------- export

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from convert.mapping import CheckpointError, to_flax, to_torch
+from convert.mapping import CheckpointError, Table, key_report
 from mamba_jax.config import MambaLMConfig
 from mamba_jax.lm import init_lm_params
 
@@ -65,24 +65,8 @@ LM_GLOBAL_TABLE = {path: (key, layout) for key, path, layout in _LM_GLOBAL}
 LM_LAYER_TABLE = {path: (key, layout) for key, path, layout in _LM_LAYER}
 TIED_HEAD_KEY = "lm_head.weight"
 
-_IGNORED = re.compile(r"(^|\.)num_batches_tracked$")
-
 
 # ------------------------------------------------------------------ the table
-def _flatten(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _flatten(v, prefix + (k,))
-        else:
-            yield prefix + (k,), v
-
-
-def _set(tree: dict, path, value):
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 @functools.lru_cache(maxsize=64)
 def lm_param_shapes(config: MambaLMConfig) -> dict:
     """The Flax parameter tree of ``config`` as shapes, without allocating anything."""
@@ -95,17 +79,14 @@ def _rename(key: str, fmt: str) -> str:
     return EMBEDDING_KEY[fmt] if key == EMBEDDING_KEY[HF] else key
 
 
+@functools.lru_cache(maxsize=4)
+def _table(fmt: str) -> Table:
+    return Table(LM_GLOBAL_TABLE, LM_LAYER_TABLE, functools.partial(_rename, fmt=fmt))
+
+
 def _entries(config: MambaLMConfig, fmt: str = HF):
     """(Flax path, key, layout, torch shape, layer or None) for every parameter of ``config``."""
-    for path, shape in _flatten(lm_param_shapes(config)):
-        if path[0] == "layers":
-            key, layout = LM_LAYER_TABLE[path[1:]]
-            torch_shape = to_torch(np.empty(shape[1:], np.int8), layout).shape
-            for i in range(config.depth):
-                yield path, key.format(i=i), layout, torch_shape, i
-        else:
-            key, layout = LM_GLOBAL_TABLE[path]
-            yield path, _rename(key, fmt), layout, to_torch(np.empty(shape, np.int8), layout).shape, None
+    return _table(fmt).entries(lm_param_shapes(config), config.depth)
 
 
 def expected_lm_shapes(config: MambaLMConfig, fmt: str = HF) -> dict[str, tuple[int, ...]]:
@@ -127,26 +108,8 @@ def state_dict_format(sd: Mapping[str, np.ndarray]) -> str | None:
 def check_lm_state_dict(config: MambaLMConfig, sd: Mapping[str, np.ndarray], fmt: str = HF) -> None:
     """Raise CheckpointError listing every missing, unexpected and misshaped key, and a tied head
     that differs from the embedding."""
-    want = expected_lm_shapes(config, fmt)
-    if config.tie_word_embeddings:
-        want_optional = {TIED_HEAD_KEY: (config.vocab_size, config.embed_dim)}
-    else:
-        want_optional = {}
-    have = {k: tuple(np.shape(v)) for k, v in sd.items() if not _IGNORED.search(k)}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want) - set(want_optional))
-    misshaped = sorted(k for k in (set(want) | set(want_optional)) & set(have)
-                       if {**want, **want_optional}[k] != have[k])
-    lines = []
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
-                     + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
-                     + (" ..." if len(unexpected) > 20 else ""))
-    for k in misshaped[:20]:
-        expect = {**want, **want_optional}[k]
-        lines.append(f"  wrong shape for {k}: checkpoint {list(have[k])}, model expects {list(expect)}")
+    want_optional = {TIED_HEAD_KEY: (config.vocab_size, config.embed_dim)} if config.tie_word_embeddings else {}
+    lines = key_report(expected_lm_shapes(config, fmt), sd, want_optional)
     if not lines and TIED_HEAD_KEY in want_optional and TIED_HEAD_KEY in sd:
         embedding = np.asarray(sd[EMBEDDING_KEY[fmt]])
         if not np.array_equal(np.asarray(sd[TIED_HEAD_KEY]), embedding):
@@ -168,32 +131,14 @@ def lm_state_dict_to_params(config: MambaLMConfig, sd: Mapping[str, np.ndarray],
     ``check_lm_state_dict``."""
     fmt = fmt or state_dict_format(sd) or HF
     check_lm_state_dict(config, sd, fmt)
-    params: dict = {}
-    for path, _ in _flatten(lm_param_shapes(config)):
-        if path[0] == "layers":
-            key, layout = LM_LAYER_TABLE[path[1:]]
-            value = np.stack([to_flax(np.asarray(sd[key.format(i=i)]), layout) for i in range(config.depth)])
-        else:
-            key, layout = LM_GLOBAL_TABLE[path]
-            value = to_flax(np.asarray(sd[_rename(key, fmt)]), layout)
-        _set(params, path, np.ascontiguousarray(value, dtype=dtype))
-    return params
+    return _table(fmt).to_params(lm_param_shapes(config), config.depth, sd, dtype)
 
 
 def lm_params_to_state_dict(config: MambaLMConfig, params, fmt: str = HF) -> dict[str, np.ndarray]:
     """Flax params -> a state dict in layout ``fmt`` (numpy values), the inverse of
     ``lm_state_dict_to_params``. A tied head is written as ``lm_head.weight`` too in the
     state-spaces layout (as mamba_ssm saves it), and left out in transformers' (as it saves it)."""
-    sd = {}
-    for path, value in _flatten(jax.device_get(params)):
-        value = np.asarray(value)
-        if path[0] == "layers":
-            key, layout = LM_LAYER_TABLE[path[1:]]
-            for i in range(config.depth):
-                sd[key.format(i=i)] = np.array(to_torch(value[i], layout), order="C")
-        else:
-            key, layout = LM_GLOBAL_TABLE[path]
-            sd[_rename(key, fmt)] = np.array(to_torch(value, layout), order="C")
+    sd = _table(fmt).to_state_dict(params, config.depth)
     if config.tie_word_embeddings and fmt == STATE_SPACES:
         sd[TIED_HEAD_KEY] = sd[EMBEDDING_KEY[fmt]].copy()
     return sd

@@ -100,6 +100,78 @@ def _set(tree: dict, path, value):
     tree[path[-1]] = value
 
 
+class Table:
+    """One model family's key table: Flax path -> (key template, layout), for the global leaves
+    and the per-layer ones (stacked along the leading axis, ``{i}`` in their keys); ``rename``
+    maps a key to another layout's name for it (the identity for Vim)."""
+
+    def __init__(self, global_table, layer_table, rename=lambda key: key):
+        self.global_table, self.layer_table, self.rename = global_table, layer_table, rename
+
+    def entries(self, shapes, depth):
+        """(Flax path, key, layout, torch shape, layer or None) for every key of a parameter tree."""
+        for path, shape in _flatten(shapes):
+            if path[0] == "layers":
+                key, layout = self.layer_table[path[1:]]
+                torch_shape = tuple(to_torch(np.empty(shape[1:], np.int8), layout).shape)
+                for i in range(depth):
+                    yield path, key.format(i=i), layout, torch_shape, i
+            else:
+                key, layout = self.global_table[path]
+                yield path, self.rename(key), layout, tuple(to_torch(np.empty(shape, np.int8), layout).shape), None
+
+    def to_params(self, shapes, depth, sd: Mapping[str, np.ndarray], dtype) -> dict:
+        """A checked state dict (numpy values) -> the Flax tree of ``shapes``."""
+        params: dict = {}
+        for path, _ in _flatten(shapes):
+            if path[0] == "layers":
+                key, layout = self.layer_table[path[1:]]
+                value = np.stack([to_flax(np.asarray(sd[key.format(i=i)]), layout) for i in range(depth)])
+            else:
+                key, layout = self.global_table[path]
+                value = to_flax(np.asarray(sd[self.rename(key)]), layout)
+            _set(params, path, np.ascontiguousarray(value, dtype=dtype))
+        return params
+
+    def to_state_dict(self, params, depth) -> dict[str, np.ndarray]:
+        """Flax params -> a state dict (numpy values, C order), the inverse of ``to_params``."""
+        sd = {}
+        for path, value in _flatten(jax.device_get(params)):
+            value = np.asarray(value)
+            if path[0] == "layers":
+                key, layout = self.layer_table[path[1:]]
+                for i in range(depth):
+                    sd[key.format(i=i)] = np.array(to_torch(value[i], layout), order="C")
+            else:
+                key, layout = self.global_table[path]
+                sd[self.rename(key)] = np.array(to_torch(value, layout), order="C")
+        return sd
+
+
+def key_report(want: Mapping[str, tuple], sd: Mapping[str, np.ndarray],
+               optional: Mapping[str, tuple] | None = None) -> list[str]:
+    """The lines of a ``CheckpointError``: every missing, unexpected and misshaped key of ``sd``
+    against the expected shapes (``optional`` keys may be absent); [] when it fits."""
+    have = {k: tuple(np.shape(v)) for k, v in sd.items() if not _IGNORED.search(k)}
+    expect = {**want, **(optional or {})}
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(set(have) - set(expect))
+    misshaped = sorted(k for k in set(expect) & set(have) if expect[k] != have[k])
+    lines = []
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
+                     + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
+                     + (" ..." if len(unexpected) > 20 else ""))
+    for k in misshaped[:20]:
+        lines.append(f"  wrong shape for {k}: checkpoint {list(have[k])}, model expects {list(expect[k])}")
+    return lines
+
+
+VIM_TABLE = Table(GLOBAL_TABLE, LAYER_TABLE)
+
+
 @functools.lru_cache(maxsize=64)
 def param_shapes(config: VimConfig) -> dict:
     """The Flax parameter tree of ``config`` as shapes, without allocating anything."""
@@ -109,69 +181,25 @@ def param_shapes(config: VimConfig) -> dict:
 
 def expected_torch_shapes(config: VimConfig) -> dict[str, tuple[int, ...]]:
     """Every official state-dict key of ``config`` with its torch shape."""
-    out = {}
-    for path, shape in _flatten(param_shapes(config)):
-        if path[0] == "layers":
-            key, layout = LAYER_TABLE[path[1:]]
-            per_layer = to_torch(np.empty(shape[1:], np.int8), layout).shape
-            for i in range(config.depth):
-                out[key.format(i=i)] = per_layer
-        else:
-            key, layout = GLOBAL_TABLE[path]
-            out[key] = to_torch(np.empty(shape, np.int8), layout).shape
-    return out
+    return {key: shape for _, key, _, shape, _ in VIM_TABLE.entries(param_shapes(config), config.depth)}
 
 
 def check_state_dict(config: VimConfig, sd: Mapping[str, np.ndarray]) -> None:
     """Raise CheckpointError listing every missing, unexpected and misshaped key."""
-    want = expected_torch_shapes(config)
-    have = {k: tuple(np.shape(v)) for k, v in sd.items() if not _IGNORED.search(k)}
-    missing = sorted(set(want) - set(have))
-    unexpected = sorted(set(have) - set(want))
-    misshaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if not (missing or unexpected or misshaped):
-        return
-    lines = [f"checkpoint does not match the model {config.name or config}:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:20])
-                     + (" ..." if len(missing) > 20 else ""))
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:20])
-                     + (" ..." if len(unexpected) > 20 else ""))
-    for k in misshaped[:20]:
-        lines.append(f"  wrong shape for {k}: checkpoint {list(have[k])}, model expects {list(want[k])}")
-    raise CheckpointError("\n".join(lines))
+    lines = key_report(expected_torch_shapes(config), sd)
+    if lines:
+        raise CheckpointError("\n".join([f"checkpoint does not match the model {config.name or config}:"] + lines))
 
 
 def state_dict_to_params(config: VimConfig, sd: Mapping[str, np.ndarray], dtype=np.float32) -> dict:
     """Official state dict (numpy values) -> Flax params, after ``check_state_dict``."""
     check_state_dict(config, sd)
-    params: dict = {}
-    for path, _ in _flatten(param_shapes(config)):
-        if path[0] == "layers":
-            key, layout = LAYER_TABLE[path[1:]]
-            value = np.stack([to_flax(np.asarray(sd[key.format(i=i)]), layout)
-                              for i in range(config.depth)])
-        else:
-            key, layout = GLOBAL_TABLE[path]
-            value = to_flax(np.asarray(sd[key]), layout)
-        _set(params, path, np.ascontiguousarray(value, dtype=dtype))
-    return params
+    return VIM_TABLE.to_params(param_shapes(config), config.depth, sd, dtype)
 
 
 def params_to_state_dict(config: VimConfig, params) -> dict[str, np.ndarray]:
     """Flax params -> official state dict (numpy values), the inverse of ``state_dict_to_params``."""
-    sd = {}
-    for path, value in _flatten(jax.device_get(params)):
-        value = np.asarray(value)
-        if path[0] == "layers":
-            key, layout = LAYER_TABLE[path[1:]]
-            for i in range(config.depth):
-                sd[key.format(i=i)] = np.array(to_torch(value[i], layout), order="C")
-        else:
-            key, layout = GLOBAL_TABLE[path]
-            sd[key] = np.array(to_torch(value, layout), order="C")
-    return sd
+    return VIM_TABLE.to_state_dict(params, config.depth)
 
 
 def infer_config(sd: Mapping[str, np.ndarray], img_size: int = 224) -> VimConfig:
