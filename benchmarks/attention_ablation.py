@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from attention_gpu_check import median_ms  # noqa: E402
 
 from mamba_jax import pallas_attention as pa  # noqa: E402
 
@@ -98,16 +99,6 @@ def patched(variant):
     return restore, kw
 
 
-def median_ms(fn, args, reps=10):
-    jax.block_until_ready(fn(*args))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", default="128,32")
@@ -134,7 +125,7 @@ def main(argv=None):
                 pa._combined_stats.clear_cache()
                 t = time.perf_counter()
                 fn = lambda *a, kw=kw: pa.combined_stats(*a, weight=0.5, **kw)  # noqa: E731
-                ms = median_ms(fn, x)
+                ms = median_ms(fn, *x)
                 err = ""
                 if extra is not None or variant in ("default", "nostats"):
                     pa._combined_stats.clear_cache()
