@@ -201,26 +201,61 @@ def unified_exact_matrices(config, terms, budget: int):
     return jnp.stack([_images_at_a_time(weighted, t) for t in terms])
 
 
-def _unified_attribution(config: VimConfig, params, inter, grads, *, start_layer, mode, budget, options,
-                         exact_gradient):
-    """The token map [B, L] of unified_attribution (SPEC section 6).
+def mode_gradients(config, grads, mode: str, exact_gradient: str = EXACT_GRADIENT):
+    """The per-layer gradients [n, B, L, D] that weigh the matrices in ``mode``, from
+    ``forward_with_gradients``' [n + 1, ...]: the official hook's (``official_gradients``) or
+    the exact mode's choice (``EXACT_GRADIENT``)."""
+    return official_gradients(config, grads) if mode == "official" else _exact_gradients(grads, exact_gradient)
 
-    official: v_l = clamp(row cls_pos of M^f + J M^b J, 0) (no 1/2, no out_proj, as the official
-      code), a_l = minmax(mean_E(v_l) * s_l), s_l as in Mamba-Attribution from the official hook's
-      gradient; rank-one rollout. exact: the channel mean of max(w (M^f + J M^b J), 0), min-max
-      normalized per layer (which cancels w, so the 1/2 of official Vim does not change the map),
-      times the exact-mode s_l (``EXACT_GRADIENT``), in a true L x L rollout.
-    """
-    pos = config.cls_pos
-    terms = [layer_terms(config, params, inter, l, start_layer=start_layer, options=options)
-             for l in range(start_layer, config.depth)]
+
+def attention_map(config, params, inter, grads, pos: int, *, method: str, mode: str, start_layer: int, budget: int,
+                  options, official_rows, exact_rows, raw_minmax, exact_gradient: str = EXACT_GRADIENT):
+    """The token map [B, L] of an attention method (raw_attention, rollout, mamba_attribution,
+    unified_attribution) at row ``pos``, from one captured pass: ``inter`` from ``start_layer``
+    on, ``grads`` as ``forward_with_gradients``' (None for the methods without gradients).
+    One set of formulas for Vim (``pos`` its class token) and the language models (``xai.tokens``:
+    the explained position); what differs is given: ``official_rows`` / ``exact_rows``
+    (br, A_f, A_b) -> [B, E, L], the official truncated vector and the exact row of the combined
+    matrix, and ``raw_minmax``, Raw-Attention's per-layer normalization of [n, B, E, L].
+
+    official: rank-one rollouts of the official vectors (SPEC section 4; Unified-Attribution:
+    v_l = clamp(row pos of M^f + J M^b J, 0), no 1/2 and no out_proj, as the official code);
+    exact: true L x L rollouts over the channel mean of the clamped combined matrices, min-max
+    normalized per layer for the gradient methods (which cancels the branch weight), times
+    ``_grad_relevance`` of ``mode_gradients``."""
+    layers = range(start_layer, config.depth)
+    stack = functools.partial(per_layer, start_layer=start_layer)  # fn over layers, stacked
+    s = None if grads is None else _grad_relevance(mode_gradients(config, grads, mode, exact_gradient))  # [n, B, L]
+    if method == "unified_attribution":
+        terms = [layer_terms(config, params, inter, l, start_layer=start_layer, options=options) for l in layers]
+        if mode == "official":
+            vec = jnp.stack([unified_cls_vector(config, t, pos) for t in terms])  # [n, B, E, L]
+            return rollout(rank_one(_minmax(jnp.maximum(vec, 0.0).mean(-2) * s, (-1,))), pos)
+        return rollout(unified_exact_matrices(config, terms, budget) * s[:, :, None, :], pos)
+
     if mode == "official":
-        vec = jnp.stack([unified_cls_vector(config, t, pos) for t in terms])  # [n, B, E, L]
-        s = _grad_relevance(official_gradients(config, grads))  # [n, B, L]
-        return rollout(rank_one(_minmax(jnp.maximum(vec, 0.0).mean(-2) * s, (-1,))), pos)
+        vec = stack(config, params, inter, layers, official_rows)  # [n, B, E, L]
+        if method == "raw_attention":
+            return raw_minmax(vec).mean(-2).mean(0)
+        if method == "rollout":
+            return rollout(rank_one(vec.mean(-2)), pos)
+        a = _minmax(jnp.maximum(vec, 0.0), (-2, -1)).mean(-2)  # [n, B, L]
+        return rollout(rank_one(a * s), pos)
+    if method == "raw_attention":
+        return raw_minmax(stack(config, params, inter, layers, exact_rows)).mean(-2).mean(0)
+    if method == "rollout":
+        # the positive part: signed matrices make the row sums of I + A cross zero (on the
+        # demo model they span -122 .. 41), which makes the row normalization ill-conditioned
+        mats = stack(config, params, inter, layers,
+                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget,
+                                                                extremes=False)[0])
+        return rollout(mats, pos)
 
-    mats = unified_exact_matrices(config, terms, budget)  # [n, B, L, L]
-    s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
+    def weighted(br, A_f, A_b):
+        mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
+        return _scale(mean, lo[:, None, None], hi[:, None, None])
+
+    mats = stack(config, params, inter, layers, weighted)  # [n, B, L, L]
     return rollout(mats * s[:, :, None, :], pos)
 
 
@@ -232,7 +267,6 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
         options = (DEFAULT_OPTIONS if options is None else options).replace(lrp_rules=_LRP_RULES[method])
         return _to_grid(config, relevance_and_logits(config, params, images, target, options)[0])
     pos = config.cls_pos
-    layers = range(start_layer, config.depth)
     # only the layers from start_layer on are captured (and, for the gradient, back-propagated)
     if method in GRADIENT_METHODS:
         _, inter, grads, _ = forward_with_gradients(config, params, images, target, start_layer=start_layer,
@@ -240,41 +274,11 @@ def _explain(config, params, images, target, *, method, start_layer, mode, budge
     else:
         _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
         grads = None
-    stack = functools.partial(per_layer, start_layer=start_layer)  # fn over layers, stacked
-    if method == "unified_attribution":
-        return _to_grid(config, _unified_attribution(config, params, inter, grads, start_layer=start_layer, mode=mode,
-                                                     budget=budget, options=options, exact_gradient=exact_gradient))
-
-    if mode == "official":
-        vec = stack(config, params, inter, layers,
-                     lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, pos))  # [n, B, E, L]
-        if method == "raw_attention":
-            token_map = _minmax(vec, (-2, -1)).mean(-2).mean(0)
-        elif method == "rollout":
-            token_map = rollout(rank_one(vec.mean(-2)), pos)
-        else:
-            a = _minmax(jnp.maximum(vec, 0.0), (-2, -1)).mean(-2)  # [n, B, L]
-            s = _grad_relevance(official_gradients(config, grads))  # [n, B, L]
-            token_map = rollout(rank_one(a * s), pos)
-    else:
-        if method == "raw_attention":
-            rows = stack(config, params, inter, layers,
-                         lambda br, A_f, A_b: exact_cls_row(config, br, A_f, A_b, pos))
-            token_map = _minmax(rows, (-2, -1)).mean(-2).mean(0)
-        elif method == "rollout":
-            # the positive part: signed matrices make the row sums of I + A cross zero (on the
-            # demo model they span -122 .. 41), which makes the row normalization ill-conditioned
-            mats = stack(config, params, inter, layers,
-                         lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True,
-                                                                     budget=budget, extremes=False)[0])
-            token_map = rollout(mats, pos)
-        else:
-            def weighted(br, A_f, A_b):
-                mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
-                return _scale(mean, lo[:, None, None], hi[:, None, None])
-            mats = stack(config, params, inter, layers, weighted)  # [n, B, L, L]
-            s = _grad_relevance(_exact_gradients(grads, exact_gradient))  # [n, B, L]
-            token_map = rollout(mats * s[:, :, None, :], pos)
+    token_map = attention_map(
+        config, params, inter, grads, pos, method=method, mode=mode, start_layer=start_layer, budget=budget,
+        options=options, exact_gradient=exact_gradient, raw_minmax=lambda x: _minmax(x, (-2, -1)),
+        official_rows=lambda br, A_f, A_b: official_cls_vector(br, A_f, A_b, pos),
+        exact_rows=lambda br, A_f, A_b: exact_cls_row(config, br, A_f, A_b, pos))
     return _to_grid(config, token_map)
 
 

@@ -53,23 +53,17 @@ from xai.hidden_attention import (
     _as_index,
     _layer_alpha,
     _lowest,
-    channel_reduced_matrix,
     class_token_rows,
-    per_layer,
 )
 from xai.methods import (
-    EXACT_GRADIENT,
     GRADIENT_METHODS,
     MODELESS,
     MODES,
-    _grad_relevance,
-    _minmax,
     _scale,
+    attention_map,
     check_index_target,
     default_start_layer,
-    unified_exact_matrices,
 )
-from xai.rollout import rank_one, rollout
 
 # the methods of xai.methods (Vim), in its order; GRADIENT_METHODS take a target, MODELESS have no modes
 TOKEN_METHODS = ("raw_attention", "rollout", "mamba_attribution", "unified_attribution", "mamba_lrp",
@@ -151,8 +145,6 @@ def position_map(config: MambaLMConfig, params, inter, grads, pos: int, *, metho
     """The token map [B, T] of an attention method for row ``pos``, from one captured pass (``inter``
     from ``start_layer`` on; ``grads`` as ``forward_with_gradients``' for the gradient methods).
     The formulas are ``xai.methods``' with ``pos`` in place of the class token."""
-    layers = range(start_layer, config.depth)
-    stack = functools.partial(per_layer, start_layer=start_layer)
     valid = jnp.arange(inter["tokens"].shape[1]) <= pos  # the causal row: nothing after pos
 
     def minmax(x):
@@ -161,46 +153,11 @@ def position_map(config: MambaLMConfig, params, inter, grads, pos: int, *, metho
         hi = jnp.where(valid, x, -jnp.inf).max(axis=(-2, -1), keepdims=True)
         return jnp.where(valid, _scale(x, lo, hi), 0.0)
 
-    gradients = None
-    if grads is not None:  # official: the stream leaving each layer (the fused hook); exact: EXACT_GRADIENT
-        leaving = config.fused_add_norm if mode == "official" else EXACT_GRADIENT == "output"
-        gradients = grads[1:] if leaving else grads[:-1]
-    if method == "unified_attribution":
-        from xai.unified import layer_terms, unified_cls_vector
-
-        terms = [layer_terms(config, params, inter, l, start_layer=start_layer, options=options) for l in layers]
-        s = _grad_relevance(gradients)  # [n, B, T]
-        if mode == "official":
-            vec = jnp.stack([unified_cls_vector(config, t, pos) for t in terms])  # [n, B, E, T]
-            return rollout(rank_one(_minmax(jnp.maximum(vec, 0.0).mean(-2) * s, (-1,))), pos)
-
-        return rollout(unified_exact_matrices(config, terms, budget) * s[:, :, None, :], pos)
-
-    if mode == "official":
-        vec = stack(config, params, inter, layers,
-                    lambda br, A_f, A_b: class_token_rows(br, A_f, A_b, pos, official=True)[0])  # [n, B, E, T]
-        if method == "raw_attention":
-            return minmax(vec).mean(-2).mean(0)
-        if method == "rollout":
-            return rollout(rank_one(vec.mean(-2)), pos)
-        a = _minmax(jnp.maximum(vec, 0.0), (-2, -1)).mean(-2)
-        return rollout(rank_one(a * _grad_relevance(gradients)), pos)
-    if method == "raw_attention":
-        rows = stack(config, params, inter, layers,
-                     lambda br, A_f, A_b: class_token_rows(br, A_f, A_b, pos, official=False)[0])
-        return minmax(rows).mean(-2).mean(0)
-    if method == "rollout":
-        mats = stack(config, params, inter, layers,
-                     lambda br, A_f, A_b: channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget,
-                                                                extremes=False)[0])
-        return rollout(mats, pos)
-
-    def weighted(br, A_f, A_b):
-        mean, lo, hi = channel_reduced_matrix(config, br, A_f, A_b, clamp=True, budget=budget)
-        return _scale(mean, lo[:, None, None], hi[:, None, None])
-
-    mats = stack(config, params, inter, layers, weighted)  # [n, B, T, T]
-    return rollout(mats * _grad_relevance(gradients)[:, :, None, :], pos)
+    return attention_map(
+        config, params, inter, grads, pos, method=method, mode=mode, start_layer=start_layer, budget=budget,
+        options=options, raw_minmax=minmax,
+        official_rows=lambda br, A_f, A_b: class_token_rows(br, A_f, A_b, pos, official=True)[0],
+        exact_rows=lambda br, A_f, A_b: class_token_rows(br, A_f, A_b, pos, official=False)[0])
 
 
 @functools.partial(jax.jit, static_argnames=("config", "method", "mode", "start_layer", "budget", "options"))
