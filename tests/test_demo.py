@@ -82,3 +82,20 @@ def test_main_job_refuses_a_folder_it_did_not_write(tmp_path):
             run_demo(tmp_path, n_eval=1, n_show=1, overwrite=overwrite, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_training_script_runs(tmp_path, capsys, model):
+    """python -m xai.app.train_demo, three steps (the loop xai.app.training shares with the LM's):
+    weights with the embedded model's names and shapes, a JSON log with the held-out evaluations."""
+    from xai.app.demo import flatten
+    from xai.app.train_demo import main
+
+    main(["--out", str(tmp_path / "w.npz"), "--steps", "3", "--batch-size", "4", "--held-out", "8",
+          "--eval-every", "2"])
+    log = json.loads((tmp_path / "w.json").read_text())
+    assert log["steps_done"] == 3 and [h["step"] for h in log["held_out"]] == [2, 3]
+    assert 0.0 <= log["final_held_out_accuracy"] <= 1.0 and log["n_params"] > 0
+    shipped = {k: v.shape for k, v in flatten(model[1]).items()}
+    with np.load(tmp_path / "w.npz") as data:
+        assert {k: data[k].shape for k in data} == shipped
+    assert "final held-out accuracy" in capsys.readouterr().out

@@ -14,21 +14,14 @@ next to them.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import time
-from pathlib import Path
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import optax
 
-from mamba_jax.files import atomic_write, atomic_write_text
 from mamba_jax.lm import _lm_apply, init_lm_params
 from mamba_jax.options import Options
-from xai.app.demo import flatten
 from xai.app.lm_demo import DEMO_LM_CONFIG
+from xai.app.training import save_weights, train
 from xai.eval.recall import query_positions, recall_dataset
 
 TRAIN_SEED, HELD_OUT_SEED = 0, 1
@@ -74,14 +67,6 @@ def main(argv=None):
     params = init_lm_params(config, jax.random.PRNGKey(args.seed))
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     print(f"demo LM: {n_params / 1e3:.1f}k parameters on {jax.devices()[0].device_kind}", flush=True)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=args.weight_decay))
-    opt_state = optimizer.init(params)
-
-    def lr_at(i, elapsed):  # warm-up, then a cosine over the step or time budget, whichever ends first
-        progress = min(1.0, max(i / args.steps, elapsed / args.time_budget))
-        return args.lr * min(1.0, (i + 1) / args.warmup) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
     positions = query_positions(args.queries)
 
     def loss_fn(params, tokens, answer):
@@ -90,41 +75,17 @@ def main(argv=None):
         return optax.softmax_cross_entropy_with_integer_labels(logits, answer).mean(), \
             (logits[:, 0].argmax(-1) == answer[:, 0]).mean()
 
-    @jax.jit
-    def step(params, opt_state, tokens, answer):
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, tokens, answer)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
+    def batch_at(i):
+        batch = recall_dataset(args.batch_size, seed=TRAIN_SEED, start=i * args.batch_size, queries=args.queries)
+        return batch["tokens"], batch["answer"]
 
     held = recall_dataset(args.held_out, seed=HELD_OUT_SEED)
-    log = dict(config=str(config), steps=[], held_out=[])
-    t0 = time.time()
-    done = 0
-    for i in range(args.steps):
-        batch = recall_dataset(args.batch_size, seed=TRAIN_SEED, start=i * args.batch_size, queries=args.queries)
-        opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr_at(i, time.time() - t0), jnp.float32)
-        params, opt_state, loss, acc = step(params, opt_state, batch["tokens"], batch["answer"])
-        done = i + 1
-        if done % 100 == 0:
-            loss, acc = float(loss), float(acc)
-            log["steps"].append(dict(step=done, loss=loss, train_acc=acc, seconds=time.time() - t0))
-            print(f"step {done:5d}  loss {loss:.4f}  first-query acc {acc:.3f}  {time.time() - t0:6.1f}s", flush=True)
-        if done % args.eval_every == 0 or done == args.steps:
-            acc = accuracy(config, params, held)
-            log["held_out"].append(dict(step=done, accuracy=acc))
-            print(f"          held-out accuracy ({args.held_out} sequences, seed {HELD_OUT_SEED}): {acc:.4f}",
-                  flush=True)
-        if time.time() - t0 > args.time_budget:
-            print(f"time budget reached after {done} steps", flush=True)
-            break
-    acc = accuracy(config, params, held)
-    log.update(final_held_out_accuracy=acc, steps_done=done, train_seconds=time.time() - t0, n_params=int(n_params),
-               batch_size=args.batch_size, lr=args.lr, seed=args.seed, queries=args.queries)
-    print(f"final held-out accuracy: {acc:.4f} after {done} steps", flush=True)
-    out = Path(args.out)
-    atomic_write(out, lambda f: np.savez_compressed(f, **flatten(jax.device_get(params))))
-    atomic_write_text(out.with_suffix(".json"), json.dumps(log, indent=1, allow_nan=False))
-    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)", flush=True)
+    log = dict(config=str(config))
+    params, _ = train(params, loss_fn, batch_at, lambda p: accuracy(config, p, held), args,
+                      held_out=f"{args.held_out} sequences, seed {HELD_OUT_SEED}", train_acc="first-query acc",
+                      log=log)
+    log.update(n_params=int(n_params), batch_size=args.batch_size, lr=args.lr, seed=args.seed, queries=args.queries)
+    save_weights(args.out, params, log)
 
 
 if __name__ == "__main__":
