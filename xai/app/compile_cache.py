@@ -10,7 +10,9 @@ same model, batch size, methods and options loads the compiled programs from dis
     MAMBA_JAX_CACHE=off              no persistent cache (also 0, false, no, none)
 
 A cache folder set through JAX itself (``JAX_COMPILATION_CACHE_DIR`` or
-``jax.config.update("jax_compilation_cache_dir", ...)``) is left as it is. The cache holds
+``jax.config.update("jax_compilation_cache_dir", ...)``) is left as it is, and so is a
+``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` in the environment (else programs that compile in
+under ``MIN_COMPILE_SECS`` are not kept). The cache holds
 programs that will be executed: keep it where only you can write. A folder that cannot be
 created is reported as a warning and the command runs without the cache.
 """
@@ -25,6 +27,7 @@ from pathlib import Path
 CACHE_ENV = "MAMBA_JAX_CACHE"
 OFF = ("0", "off", "false", "no", "none")
 MIN_COMPILE_SECS = 0.5  # programs that compile faster are not worth a file (JAX's default is 1 s)
+MIN_SECS_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"  # JAX's own setting, when given, wins
 
 HELP = (f"Compiled programs are kept in a persistent cache, so that a second run with the same model, batch "
         f"size and options starts in seconds: ${CACHE_ENV} names its folder (default "
@@ -62,5 +65,6 @@ def enable_compilation_cache(environ: Mapping[str, str] | None = None) -> Path |
                       f"or to off", stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
+    if MIN_SECS_ENV not in (os.environ if environ is None else environ):
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
     return path
