@@ -112,6 +112,8 @@ def main(argv=None):
     p.add_argument("--bf16", action="store_true", help="bfloat16 projections (scan and residual stream float32)")
     p.add_argument("--precision", default="highest", choices=("highest", "default"))
     p.add_argument("--remat", action="store_true", help="remat for the gradient methods")
+    p.add_argument("--scan-method", default="auto", choices=("auto", "pallas", "associative", "sequential"),
+                   help="the selective scan (default auto: the associative scan below batch PALLAS_MIN_BATCH on a GPU)")
     p.add_argument("--compile-threads", type=int, default=1,
                    help="compile every row first, this many at a time, then time them one by one")
     args = p.parse_args(argv)
@@ -128,7 +130,8 @@ def main(argv=None):
     from xai.methods import default_start_layer
 
     start = default_start_layer(config) if args.start_layer is None else args.start_layer
-    options = Options(dtype=jnp.bfloat16 if args.bf16 else None, precision=args.precision)
+    options = Options(dtype=jnp.bfloat16 if args.bf16 else None, precision=args.precision,
+                      scan_method=args.scan_method)
     params = init_lm_params(config, jax.random.PRNGKey(0))
     device = jax.devices()[0].device_kind
     log(f"{config.name}: {sum(x.size for x in jax.tree.leaves(params)) / 1e6:.1f}M parameters, {T} tokens, "
@@ -139,7 +142,7 @@ def main(argv=None):
     out = Path(args.out)
     meta = dict(argv=["python", "benchmarks/lm_bench.py", *(sys.argv[1:] if argv is None else argv)], device=device,
                 model=config.name, seq_len=T, reps=reps, start_layer=start, bf16=args.bf16, precision=args.precision,
-                remat=args.remat, jax=jax.__version__)
+                remat=args.remat, scan_method=args.scan_method, jax=jax.__version__)
     title = (f"# Mamba LM benchmark: {config.name}, {T} tokens, {device}\n\nmedian of {reps} runs; "
              f"`{' '.join(meta['argv'])}`\n\n")
 
