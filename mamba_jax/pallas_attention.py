@@ -185,7 +185,7 @@ class _Tile:
 
     def __init__(self, refs, *, nb, block, N, weight, precision, tiles="all"):
         self.d_ref, self.rv_ref, self.cv_ref, self.gap_ref, self.half_ref, self.a_ref, self.b_ref, self.c_ref = refs
-        k, self.b = (pl.program_id(0), pl.program_id(1)) if _TILES_FIRST else (pl.program_id(1), pl.program_id(0))
+        self.b, k = pl.program_id(0), pl.program_id(1)
         self.k = k
         if tiles == "all":  # program k: tile (k // nb, k % nb)
             self.p, self.q = k // nb, k % nb
@@ -278,11 +278,6 @@ def _channel_loop(e0, ec, unroll, prefetch, load, body, carry):
 # Kernels.
 # --------------------------------------------------------------------------
 _N_IN = 8  # d, rv, cv, gap, half, A, B, C (the statistics kernels take two more: fallback list, count)
-_TILES_FIRST = False  # the grid's fastest axis: the tiles of one image (their loads share rows), not the images
-
-
-def _grid(n_tiles, Bsz, split):
-    return (n_tiles, Bsz, split) if _TILES_FIRST else (Bsz, n_tiles, split)
 
 
 def _stats_kernel(*refs, L, nb, block, N, ec, weight, clamp, extremes, precision, unroll, prefetch, tiles):
@@ -446,7 +441,8 @@ def _combined_stats(delta_f, B_f, C_f, A_f, delta_b, B_b, C_b, A_b, *, weight, c
                     num_stages, split, precision, unroll, prefetch, diag_warps, interpret):
     args, (Bsz, L, E, N, nb, Lp, Np) = _prepare(delta_f, B_f, C_f, A_f, delta_b, B_b, C_b, A_b, block)
     sds = lambda *s: jax.ShapeDtypeStruct(s, _F32)
-    flagged = jnp.swapaxes((args[4] < 0.0).any(axis=0), 1, 2)  # [Bsz, nb, E]: the direct formula's channels
+    half = args[4]  # [2, Bsz, E, nb] (d, rv, cv, gap, half, ...): < 0 where the direct formula is needed
+    flagged = jnp.swapaxes((half < 0.0).any(axis=0), 1, 2)  # [Bsz, nb, E]: the direct formula's channels
     fallback = (jnp.argsort(~flagged, axis=-1, stable=True).astype(jnp.int32),
                 flagged.sum(-1, dtype=jnp.int32))
 
@@ -457,17 +453,17 @@ def _combined_stats(delta_f, B_f, C_f, A_f, delta_b, B_b, C_b, A_b, *, weight, c
                                    unroll=unroll, prefetch=prefetch, tiles=tiles)
         out_shape = [sds(Bsz, sp, *sum_shape)] + [sds(Bsz, sp, n_tiles, block)] * (2 if extremes else 0)
         sums, *ranges = pl.pallas_call(
-            kernel, grid=_grid(n_tiles, Bsz, sp), interpret=interpret, out_shape=out_shape,
+            kernel, grid=(Bsz, n_tiles, sp), interpret=interpret, out_shape=out_shape,
             compiler_params=_compiler_params(diag_warps or num_warps if tiles == "diag" else num_warps, num_stages),
             name=f"attention_stats_{tiles}",
         )(*args, *fallback)
         return sums.sum(1), ranges
 
     diag, diag_ranges = run("diag", nb, (nb, block, block))  # [Bsz, nb, block, block]
-    eye = jnp.eye(nb, dtype=bool)[None, :, None, :, None]
-    full = jnp.einsum("bpij,pq->bpiqj", diag, jnp.eye(nb, dtype=_F32))  # diagonal tiles in place
+    full = diag[:, :, :, None, :]  # [Bsz, nb, block, 1, block]: tile (p, p) at row block p
     if nb > 1:  # the off-diagonal kernel leaves the diagonal tiles unwritten: selected away here
         off, off_ranges = run("off", nb * (nb - 1), (Lp, Lp))
+        eye = jnp.eye(nb, dtype=bool)[None, :, None, :, None]
         full = jnp.where(eye, full, off.reshape(Bsz, nb, block, nb, block))
     mean = full.reshape(Bsz, Lp, Lp)[:, :L, :L] / E
     if not extremes:
@@ -504,7 +500,7 @@ def _combined_alpha(delta_f, B_f, C_f, A_f, delta_b, B_b, C_b, A_b, *, block, nu
     kernel = functools.partial(_alpha_kernel, L=L, nb=nb, block=block, N=N, ec=E // split, n_out=n_out,
                                precision=_PRECISIONS[precision])
     return pl.pallas_call(
-        kernel, grid=_grid(nb * nb, Bsz, split), interpret=interpret, name="attention_alpha",
+        kernel, grid=(Bsz, nb * nb, split), interpret=interpret, name="attention_alpha",
         out_shape=jax.ShapeDtypeStruct((Bsz, n_out, E, L, L), _F32),
         compiler_params=_compiler_params(num_warps, num_stages),
     )(*args)

@@ -51,4 +51,3 @@ def test_cli_run_fills_the_cache_and_a_second_run_reuses_it(tmp_path):
     # every program of the second run came from the cache: not one new entry
     assert sorted(p.name for p in cache.iterdir()) == entries
     assert (tmp_path / "two" / "results.json").read_text() == (tmp_path / "one" / "results.json").read_text()
-

@@ -285,6 +285,7 @@ def class_token_attention(config: VimConfig, params, images, *, layers=None, off
 @functools.partial(jax.jit, static_argnames=("config", "budget", "start_layer", "options"))
 def _channel_mean(config, params, images, layers, budget, start_layer, options):
     _, inter = vim_apply(config, params, images, capture=True, start_layer=start_layer, options=options)
+
     def mean(br, A_f, A_b):
         return channel_reduced_matrix(config, br, A_f, A_b, budget=budget, extremes=False)[0]
 

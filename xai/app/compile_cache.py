@@ -52,6 +52,7 @@ def enable_compilation_cache(environ: Mapping[str, str] | None = None) -> Path |
     Call it before the first compilation of the process."""
     import jax
 
+    environ = os.environ if environ is None else environ
     already = jax.config.jax_compilation_cache_dir
     if already:
         return Path(already)
@@ -65,6 +66,6 @@ def enable_compilation_cache(environ: Mapping[str, str] | None = None) -> Path |
                       f"or to off", stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", str(path))
-    if MIN_SECS_ENV not in (os.environ if environ is None else environ):
+    if MIN_SECS_ENV not in environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_SECS)
     return path

@@ -80,9 +80,9 @@ def main(argv=None):
     batches = shapes_batches(args.batch_size, seed=TRAIN_SEED)
 
     log = dict(config=str(config), init=args.init)
-    params, _ = train(params, make_loss(config, args.label_smoothing), lambda i: next(batches)[:2],
-                      lambda p: accuracy(config, p, held_images, held_labels), args,
-                      held_out=f"{args.held_out} images, seed {HELD_OUT_SEED}", train_acc="batch acc", log=log)
+    params = train(params, make_loss(config, args.label_smoothing), lambda i: next(batches)[:2],
+                   lambda p: accuracy(config, p, held_images, held_labels), args,
+                   held_out=f"{args.held_out} images, seed {HELD_OUT_SEED}", train_acc="batch acc", log=log)
     log.update(n_params=int(n_params), batch_size=args.batch_size, lr=args.lr)
     save_weights(args.out, params, log)
 

@@ -81,9 +81,8 @@ def main(argv=None):
 
     held = recall_dataset(args.held_out, seed=HELD_OUT_SEED)
     log = dict(config=str(config))
-    params, _ = train(params, loss_fn, batch_at, lambda p: accuracy(config, p, held), args,
-                      held_out=f"{args.held_out} sequences, seed {HELD_OUT_SEED}", train_acc="first-query acc",
-                      log=log)
+    params = train(params, loss_fn, batch_at, lambda p: accuracy(config, p, held), args,
+                   held_out=f"{args.held_out} sequences, seed {HELD_OUT_SEED}", train_acc="first-query acc", log=log)
     log.update(n_params=int(n_params), batch_size=args.batch_size, lr=args.lr, seed=args.seed, queries=args.queries)
     save_weights(args.out, params, log)
 

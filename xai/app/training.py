@@ -29,8 +29,8 @@ def train(params, loss_fn: Callable, batch_at: Callable[[int], tuple], evaluate:
     """Train ``params`` on ``loss_fn(params, *batch) -> (loss, accuracy)``, step i's batch from
     ``batch_at(i)``; ``evaluate(params)`` gives the held-out accuracy. ``args``: steps, lr, warmup,
     weight_decay, time_budget, eval_every. ``held_out`` / ``train_acc`` name the held-out set and
-    the batch accuracy in the printed lines. Returns (params, steps done); ``log`` gets the "steps"
-    and "held_out" entries and the final accuracy, steps and seconds."""
+    the batch accuracy in the printed lines. Returns the trained params; ``log`` gets the "steps"
+    and "held_out" entries and the final accuracy, steps done and seconds."""
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, weight_decay=args.weight_decay))
     opt_state = optimizer.init(params)
@@ -68,7 +68,7 @@ def train(params, loss_fn: Callable, batch_at: Callable[[int], tuple], evaluate:
     held = evaluate(params)
     log.update(final_held_out_accuracy=held, steps_done=done, train_seconds=time.time() - t0)
     print(f"final held-out accuracy: {held:.4f} after {done} steps", flush=True)
-    return params, done
+    return params
 
 
 def save_weights(out, params, log: dict) -> Path:
